@@ -1,0 +1,319 @@
+//! Configuration: a TOML file, the built-in default, or flags.
+//!
+//! ```toml
+//! datapath = "auto"            # auto | sockmap | uring | userspace
+//!
+//! [limits]
+//! max_buffer_per_direction = 8388608   # bytes held in the proxy per direction
+//!
+//! [timeouts]
+//! handshake_ms = 10000         # client must send its request head within this
+//! origin_connect_ms = 5000     # TCP connect to the origin (504 after it)
+//! origin_response_ms = 10000   # origin's answer to the handshake (504 after it)
+//!
+//! [[listeners]]
+//! listen = "127.0.0.1:8080"
+//! origin = "127.0.0.1:9000"
+//! ```
+//!
+//! A listener names one origin today; routes and origin pools will hang off
+//! the listener (`[[listeners.routes]]`) without changing this shape.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::datapath::DataPathChoice;
+
+/// A configuration that could not be read or does not hold.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// TOML syntax or a field of the wrong type; the message names line and field.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// toml's message: line, column, and the offending key.
+        message: String,
+    },
+    /// A value that parses but cannot work.
+    #[error("{path}:{line}: field `{field}`: {reason}")]
+    Invalid {
+        /// The file (or `<flags>`).
+        path: PathBuf,
+        /// 1-based line of the field, or 0 when it has none (flags, defaults).
+        line: usize,
+        /// Dotted path of the field.
+        field: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Which data path carries the bytes after the 101.
+    #[serde(default)]
+    pub datapath: DataPathChoice,
+    /// Memory limits.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Timeouts of the handshake phases.
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    /// Listeners, each with its origin.
+    pub listeners: Vec<Listener>,
+}
+
+/// Memory limits.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Upper bound of bytes the proxy holds for one direction of one
+    /// connection: socket buffers, kernel redirect queue and user buffers.
+    pub max_buffer_per_direction: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_buffer_per_direction: 8 << 20,
+        }
+    }
+}
+
+/// Timeouts of the handshake phases, in milliseconds.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// Time for the client to send a complete request head.
+    pub handshake_ms: u64,
+    /// Time to establish the TCP connection to the origin.
+    pub origin_connect_ms: u64,
+    /// Time for the origin to answer the forwarded handshake.
+    pub origin_response_ms: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            handshake_ms: 10_000,
+            origin_connect_ms: 5_000,
+            origin_response_ms: 10_000,
+        }
+    }
+}
+
+impl Timeouts {
+    /// `handshake_ms` as a duration.
+    pub fn handshake(&self) -> Duration {
+        Duration::from_millis(self.handshake_ms)
+    }
+    /// `origin_connect_ms` as a duration.
+    pub fn origin_connect(&self) -> Duration {
+        Duration::from_millis(self.origin_connect_ms)
+    }
+    /// `origin_response_ms` as a duration.
+    pub fn origin_response(&self) -> Duration {
+        Duration::from_millis(self.origin_response_ms)
+    }
+}
+
+/// One listening socket and where its WebSocket sessions go.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    /// Address and port to accept clients on.
+    pub listen: SocketAddr,
+    /// The origin (host:port) that receives the sessions.
+    pub origin: SocketAddr,
+}
+
+impl Default for Config {
+    /// The built-in default: 127.0.0.1:8080 in front of 127.0.0.1:9000.
+    fn default() -> Self {
+        Config {
+            datapath: DataPathChoice::Auto,
+            limits: Limits::default(),
+            timeouts: Timeouts::default(),
+            listeners: vec![Listener {
+                listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+                origin: SocketAddr::from(([127, 0, 0, 1], 9000)),
+            }],
+        }
+    }
+}
+
+impl Config {
+    /// Reads and checks a TOML file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_toml(&text, path)
+    }
+
+    /// Parses and checks TOML text; `path` only names the source in errors.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        cfg.check(path, text)
+    }
+
+    /// Checks what the types cannot, for a configuration built from flags.
+    pub fn validate(self, origin: &Path) -> Result<Config, ConfigError> {
+        self.check(origin, "")
+    }
+
+    fn check(self, path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let invalid = |field: &str, reason: &str| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            line: line_of(text, field),
+            field: field.to_string(),
+            reason: reason.to_string(),
+        };
+        if self.listeners.is_empty() {
+            return Err(invalid("listeners", "at least one listener is needed"));
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            if self.listeners[..i].iter().any(|o| o.listen == l.listen) {
+                return Err(invalid(
+                    &format!("listeners[{i}].listen"),
+                    &format!("{} is already used by another listener", l.listen),
+                ));
+            }
+        }
+        if self.limits.max_buffer_per_direction < (256 << 10) {
+            return Err(invalid(
+                "limits.max_buffer_per_direction",
+                "must be at least 262144 bytes",
+            ));
+        }
+        for (field, v) in [
+            ("timeouts.handshake_ms", self.timeouts.handshake_ms),
+            ("timeouts.origin_connect_ms", self.timeouts.origin_connect_ms),
+            ("timeouts.origin_response_ms", self.timeouts.origin_response_ms),
+        ] {
+            if v == 0 {
+                return Err(invalid(field, "must be greater than 0"));
+            }
+        }
+        Ok(self)
+    }
+}
+
+/// Best-effort line of a dotted field (`a.b`, `listeners[2].listen`): the
+/// line of the matching occurrence of its last key, 0 when not found.
+fn line_of(text: &str, field: &str) -> usize {
+    let last = field.rsplit('.').next().unwrap_or(field);
+    let (key, nth) = match last.split_once('[') {
+        Some((k, rest)) => (k, rest.trim_end_matches(']').parse::<usize>().unwrap_or(0)),
+        None => (last, 0),
+    };
+    // For `listeners[i].listen` count occurrences of `listen`, the i-th one.
+    let nth = if field.contains("].") {
+        field
+            .split_once('[')
+            .and_then(|(_, r)| r.split_once(']'))
+            .and_then(|(n, _)| n.parse().ok())
+            .unwrap_or(nth)
+    } else {
+        nth
+    };
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| {
+            let l = l.trim_start();
+            l.strip_prefix(key)
+                .is_some_and(|r| r.trim_start().starts_with('='))
+                || l.trim_start_matches('[').starts_with(key)
+        })
+        .nth(nth)
+        .map_or(0, |(i, _)| i + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_file_parses() {
+        let cfg = Config::from_toml(
+            r#"
+datapath = "uring"
+[limits]
+max_buffer_per_direction = 1048576
+[timeouts]
+origin_connect_ms = 100
+[[listeners]]
+listen = "127.0.0.1:1"
+origin = "127.0.0.1:2"
+"#,
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        assert_eq!(cfg.datapath, DataPathChoice::Uring);
+        assert_eq!(cfg.limits.max_buffer_per_direction, 1 << 20);
+        assert_eq!(cfg.timeouts.origin_connect_ms, 100);
+        assert_eq!(cfg.timeouts.origin_response_ms, 10_000);
+        assert_eq!(cfg.listeners[0].origin.port(), 2);
+    }
+
+    #[test]
+    fn errors_name_file_line_and_field() {
+        let err = Config::from_toml(
+            "[[listeners]]\nlisten = \"127.0.0.1:1\"\norigin = \"nowhere\"\n",
+            Path::new("sluice.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("sluice.toml: "), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+        assert!(err.contains("origin"), "{err}");
+
+        let err = Config::from_toml("datapath = \"fast\"\nlisteners = []\n", Path::new("a.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 1") && err.contains("datapath"), "{err}");
+
+        let err = Config::from_toml("bogus = 1\nlisteners = []\n", Path::new("a.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn semantic_errors_name_the_field() {
+        let err = Config::from_toml(
+            "[limits]\nmax_buffer_per_direction = 10\n[[listeners]]\nlisten = \"127.0.0.1:1\"\norigin = \"127.0.0.1:2\"\n",
+            Path::new("b.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("b.toml:2: field `limits.max_buffer_per_direction`"), "{err}");
+        let err = Config::from_toml(
+            "[[listeners]]\nlisten = \"127.0.0.1:1\"\norigin = \"127.0.0.1:2\"\n[[listeners]]\nlisten = \"127.0.0.1:1\"\norigin = \"127.0.0.1:3\"\n",
+            Path::new("d.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("d.toml:5: field `listeners[1].listen`"), "{err}");
+        let err = Config::from_toml("listeners = []\n", Path::new("c.toml")).unwrap_err().to_string();
+        assert!(err.contains("field `listeners`"), "{err}");
+    }
+}

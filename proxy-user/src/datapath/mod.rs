@@ -1,0 +1,213 @@
+//! The data paths that carry bytes after the 101, and the choice between them.
+//!
+//! | path | needs | how |
+//! |---|---|---|
+//! | `sockmap` | Linux 5.19+, CAP_BPF + CAP_NET_ADMIN (or root) | eBPF sk_skb verdict redirects socket to socket |
+//! | `uring` | Linux 5.11+, io_uring not disabled | one io_uring thread, recv/send per direction |
+//! | `userspace` | anything | tokio, one buffer per direction |
+//!
+//! `auto` probes at start-up and takes the first available in that order.
+//! A connection that cannot join the chosen path falls back to the next.
+
+pub mod sockmap;
+pub mod uring;
+pub mod userspace;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use tokio::net::TcpStream;
+
+use crate::accounting::Accounting;
+
+/// The configured choice (`datapath = "..."`, `--datapath`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DataPathChoice {
+    /// Probe and take the best available.
+    #[default]
+    Auto,
+    /// eBPF sockmap redirection in the kernel.
+    Sockmap,
+    /// io_uring relay.
+    Uring,
+    /// Plain user-space relay.
+    Userspace,
+}
+
+/// A data path that is running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataPath {
+    /// eBPF sockmap redirection in the kernel.
+    Sockmap,
+    /// io_uring relay.
+    Uring,
+    /// Plain user-space relay.
+    Userspace,
+}
+
+impl std::fmt::Display for DataPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DataPath::Sockmap => "sockmap",
+            DataPath::Uring => "uring",
+            DataPath::Userspace => "userspace",
+        })
+    }
+}
+
+/// One end of a relayed connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The client socket.
+    Client,
+    /// The origin socket.
+    Origin,
+}
+
+impl std::fmt::Display for Side {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Side::Client => "client",
+            Side::Origin => "origin",
+        })
+    }
+}
+
+/// How a relayed connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Both directions closed with FIN after all bytes were delivered.
+    Done,
+    /// One side reset or failed; the other side was reset too.
+    Reset(Side),
+    /// Sluice could not go on (a kernel facility failed mid-connection).
+    Internal(String),
+}
+
+impl std::fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CloseReason::Done => f.write_str("closed"),
+            CloseReason::Reset(s) => write!(f, "reset by {s}"),
+            CloseReason::Internal(e) => write!(f, "internal error: {e}"),
+        }
+    }
+}
+
+/// The two sockets after the 101, with the bytes that were read ahead of the
+/// upgrade on each (they must be delivered first, in order).
+#[derive(Debug)]
+pub struct Pair {
+    /// The client connection.
+    pub client: TcpStream,
+    /// Bytes the client sent after its request head (for the origin).
+    pub client_ahead: Bytes,
+    /// The origin connection.
+    pub origin: TcpStream,
+    /// Bytes the origin sent after its 101 (for the client).
+    pub origin_ahead: Bytes,
+}
+
+/// The data paths available in this process, and the one in use.
+pub struct DataPaths {
+    /// The chosen path.
+    pub primary: DataPath,
+    /// Why it was chosen (logged at start).
+    pub why: String,
+    sockmap: Option<Arc<sockmap::Sockmap>>,
+    uring: Option<uring::UringRelay>,
+}
+
+impl DataPaths {
+    /// Probes and starts the configured path. An explicit choice that is not
+    /// available is an error; `auto` falls back and says why.
+    /// Must run inside the tokio runtime (the sockmap path starts tasks).
+    pub fn start(choice: DataPathChoice, bound: u64) -> Result<DataPaths, String> {
+        let want_sockmap = matches!(choice, DataPathChoice::Auto | DataPathChoice::Sockmap);
+        let want_uring = matches!(
+            choice,
+            DataPathChoice::Auto | DataPathChoice::Sockmap | DataPathChoice::Uring
+        );
+        let mut reasons = Vec::new();
+        let sockmap = if want_sockmap {
+            match sockmap::Sockmap::load(bound) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    if choice == DataPathChoice::Sockmap {
+                        return Err(format!("datapath sockmap is not available: {e}"));
+                    }
+                    reasons.push(format!("sockmap unavailable ({e})"));
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let uring = if want_uring {
+            match uring::UringRelay::start() {
+                Ok(u) => Some(u),
+                Err(e) => {
+                    if choice == DataPathChoice::Uring {
+                        return Err(format!("datapath uring is not available: {e}"));
+                    }
+                    reasons.push(format!("io_uring unavailable ({e})"));
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let primary = if sockmap.is_some() {
+            DataPath::Sockmap
+        } else if uring.is_some() {
+            DataPath::Uring
+        } else {
+            DataPath::Userspace
+        };
+        let why = match choice {
+            DataPathChoice::Auto if reasons.is_empty() => {
+                "auto: eBPF sockmap loaded and attached".to_string()
+            }
+            DataPathChoice::Auto => format!("auto: {}", reasons.join("; ")),
+            _ => format!("configured {primary}"),
+        };
+        Ok(DataPaths {
+            primary,
+            why,
+            sockmap,
+            uring,
+        })
+    }
+
+    /// Relays one connection on the primary path, falling back to the next
+    /// path if the connection cannot join it. Returns the path that carried
+    /// it and how it ended.
+    pub async fn relay(&self, pair: Pair, acct: Arc<Accounting>) -> (DataPath, CloseReason) {
+        let mut pair = pair;
+        if self.primary == DataPath::Sockmap {
+            if let Some(sm) = &self.sockmap {
+                match sm.relay(pair, acct.clone()).await {
+                    Ok(reason) => return (DataPath::Sockmap, reason),
+                    Err((p, why)) => {
+                        tracing::warn!("connection falls back from sockmap: {why}");
+                        pair = p;
+                    }
+                }
+            }
+        }
+        if matches!(self.primary, DataPath::Sockmap | DataPath::Uring) {
+            if let Some(u) = &self.uring {
+                match u.relay(pair, acct.clone()).await {
+                    Ok(reason) => return (DataPath::Uring, reason),
+                    Err((p, why)) => {
+                        tracing::warn!("connection falls back from uring: {why}");
+                        pair = p;
+                    }
+                }
+            }
+        }
+        (DataPath::Userspace, userspace::relay(pair, acct).await)
+    }
+}

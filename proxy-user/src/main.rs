@@ -1,0 +1,77 @@
+//! The `sluice` daemon: flags and config in, [`sluice::server::run`] out.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use sluice::config::{Config, Listener};
+use sluice::datapath::DataPathChoice;
+
+/// A WebSocket edge proxy whose byte path runs in the kernel.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    /// TOML configuration file (without it: the built-in default or the flags).
+    #[arg(long, short, conflicts_with_all = ["listen", "origin"])]
+    config: Option<PathBuf>,
+    /// Address to listen on (with --origin, instead of a config file).
+    #[arg(long, requires = "origin")]
+    listen: Option<SocketAddr>,
+    /// Origin host:port that receives the WebSocket sessions.
+    #[arg(long, requires = "listen")]
+    origin: Option<SocketAddr>,
+    /// Data path after the 101 (overrides the config file).
+    #[arg(long, value_enum)]
+    datapath: Option<DataPathChoice>,
+    /// Log filter, as RUST_LOG (default: info).
+    #[arg(long)]
+    log: Option<String>,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let filter = cli
+        .log
+        .clone()
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .unwrap_or_else(|| "info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .init();
+
+    let mut cfg = match &cli.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let (Some(listen), Some(origin)) = (cli.listen, cli.origin) {
+        cfg.listeners = vec![Listener { listen, origin }];
+    }
+    if let Some(d) = cli.datapath {
+        cfg.datapath = d;
+    }
+    let cfg = cfg.validate(std::path::Path::new("<flags>"))?;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async {
+        sluice::server::run(cfg, shutdown_signal()).await?;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    // Relays still running are cut here; graceful drain comes with reload.
+    rt.shutdown_timeout(std::time::Duration::from_millis(100));
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,155 @@
+//! Socket options and ioctls the data paths need, as safe functions.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+
+/// The prefix of Linux's `struct tcp_info` up to `tcpi_bytes_received`
+/// (Linux 4.1+); libc's struct stops before `tcpi_bytes_acked`.
+#[repr(C)]
+#[derive(Default, Debug, Clone, Copy)]
+pub struct TcpInfo {
+    /// `tcpi_state`, `ca_state`, `retransmits`, `probes`, `backoff`,
+    /// `options`, `wscale`, `flags`.
+    pub head: [u8; 8],
+    /// `tcpi_rto` ... `tcpi_total_retrans`: 24 u32 fields.
+    pub mid: [u32; 24],
+    /// `tcpi_pacing_rate`.
+    pub pacing_rate: u64,
+    /// `tcpi_max_pacing_rate`.
+    pub max_pacing_rate: u64,
+    /// `tcpi_bytes_acked`: bytes the peer acknowledged (RFC 4898).
+    pub bytes_acked: u64,
+    /// `tcpi_bytes_received`.
+    pub bytes_received: u64,
+}
+
+impl TcpInfo {
+    /// The TCP state (`TCP_ESTABLISHED` is 1).
+    pub fn state(&self) -> u8 {
+        self.head[0]
+    }
+}
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn getsockopt<T: Default>(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<T> {
+    let mut v = T::default();
+    let mut len = std::mem::size_of::<T>() as libc::socklen_t;
+    // SAFETY: v is a valid, writable T and len is its size.
+    cvt(unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&mut v as *mut T).cast(),
+            &mut len,
+        )
+    })?;
+    Ok(v)
+}
+
+/// `SO_COOKIE`: the kernel's unique, never-reused id of a socket (Linux 4.12+).
+pub fn cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    getsockopt::<u64>(fd, libc::SOL_SOCKET, libc::SO_COOKIE)
+}
+
+/// `TCP_INFO`.
+pub fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<TcpInfo> {
+    getsockopt::<TcpInfo>(fd, libc::IPPROTO_TCP, libc::TCP_INFO)
+}
+
+fn ioctl_int(fd: BorrowedFd<'_>, req: libc::c_ulong) -> io::Result<u64> {
+    let mut v: libc::c_int = 0;
+    // SAFETY: both requests write one int.
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), req, &mut v) })?;
+    Ok(v as u64)
+}
+
+/// `SIOCOUTQ`: bytes in the send queue, not yet acknowledged.
+pub fn outq(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    ioctl_int(fd, libc::TIOCOUTQ)
+}
+
+/// `SIOCINQ`: bytes in the TCP receive queue not yet read.
+pub fn inq(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    ioctl_int(fd, libc::FIONREAD)
+}
+
+/// Every byte ever written into this socket after the handshake:
+/// acknowledged plus still queued. Read in this order, a concurrent ACK can
+/// only make the sum smaller, never larger than the truth.
+pub fn bytes_written(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let acked = tcp_info(fd)?.bytes_acked;
+    Ok(acked + outq(fd)?)
+}
+
+/// `SO_ERROR`: the pending socket error, cleared by reading it.
+pub fn take_error(fd: BorrowedFd<'_>) -> io::Result<Option<io::Error>> {
+    socket2::SockRef::from(&fd).take_error()
+}
+
+/// Makes the next close send RST instead of FIN (`SO_LINGER` 0).
+pub fn set_reset_on_close(fd: BorrowedFd<'_>) {
+    // A failure only means the peer sees FIN instead of RST.
+    let _ = socket2::SockRef::from(&fd).set_linger(Some(std::time::Duration::ZERO));
+}
+
+/// Sizes both socket buffers so that one direction through this socket and
+/// its peer holds at most about `bound` bytes in the kernel.
+pub fn bound_buffers(fd: BorrowedFd<'_>, bound: u64) {
+    // The kernel doubles the value for its bookkeeping overhead.
+    let each = usize::try_from(bound / 4).unwrap_or(usize::MAX);
+    let s = socket2::SockRef::from(&fd);
+    let _ = s.set_recv_buffer_size(each);
+    let _ = s.set_send_buffer_size(each);
+}
+
+/// `shutdown(SHUT_WR)`: send FIN after everything queued.
+pub fn shutdown_write(fd: BorrowedFd<'_>) -> io::Result<()> {
+    socket2::SockRef::from(&fd).shutdown(std::net::Shutdown::Write)
+}
+
+/// Borrows a raw fd the caller owns for the duration of the borrow.
+///
+/// # Safety
+/// `fd` must stay open while the result is used.
+pub unsafe fn borrow(fd: RawFd) -> BorrowedFd<'static> {
+    // SAFETY: forwarded to the caller.
+    unsafe { BorrowedFd::borrow_raw(fd) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn tcp_info_layout_counts_bytes() {
+        assert_eq!(std::mem::size_of::<TcpInfo>(), 136);
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut a = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut b, _) = l.accept().unwrap();
+        a.write_all(&[7u8; 1000]).unwrap();
+        let mut buf = [0u8; 1000];
+        b.read_exact(&mut buf).unwrap();
+        // Wait for the ACK to come back on loopback.
+        for _ in 0..100 {
+            if bytes_written(a.as_fd()).unwrap() == 1000 && outq(a.as_fd()).unwrap() == 0 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(tcp_info(a.as_fd()).unwrap().bytes_acked, 1000);
+        assert_eq!(tcp_info(b.as_fd()).unwrap().bytes_received, 1000);
+        assert_eq!(tcp_info(a.as_fd()).unwrap().state(), 1);
+        assert_ne!(cookie(a.as_fd()).unwrap(), cookie(b.as_fd()).unwrap());
+        assert_eq!(inq(b.as_fd()).unwrap(), 0);
+    }
+}
