@@ -12,7 +12,10 @@ fn main() {
         println!("cargo:rerun-if-changed={}", ebpf.join(p).display());
     }
     for p in ["src", "Cargo.toml"] {
-        println!("cargo:rerun-if-changed={}", root.join("proxy-common").join(p).display());
+        println!(
+            "cargo:rerun-if-changed={}",
+            root.join("proxy-common").join(p).display()
+        );
     }
     // Share one target dir across profiles: OUT_DIR is target/<profile>/build/<pkg>/out.
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
@@ -23,12 +26,23 @@ fn main() {
         .unwrap_or_else(|| out.clone())
         .join("ebpf");
     let mut cmd = Command::new("rustup");
-    cmd.args(["run", "nightly", "cargo", "build", "--release", "--target-dir"])
-        .arg(&target_dir)
-        .current_dir(&ebpf);
+    cmd.args([
+        "run",
+        "nightly",
+        "cargo",
+        "build",
+        "--release",
+        "--target-dir",
+    ])
+    .arg(&target_dir)
+    .current_dir(&ebpf);
     // Do not leak the outer (stable) build's settings into the nightly build.
     for (k, _) in std::env::vars() {
-        if k.starts_with("CARGO") || k.starts_with("RUSTC") || k == "RUSTUP_TOOLCHAIN" || k == "RUSTFLAGS" {
+        if k.starts_with("CARGO")
+            || k.starts_with("RUSTC")
+            || k == "RUSTUP_TOOLCHAIN"
+            || k == "RUSTFLAGS"
+        {
             cmd.env_remove(k);
         }
     }

@@ -34,14 +34,10 @@ pub struct DirCtl {
     pub limit: u64,
     /// When `redirected` passes this mark the kernel asks for a new limit.
     pub refill_at: u64,
-    /// Bytes user space took from the source while passing and has written
-    /// to the target. The kernel resumes redirecting only when this equals
+    /// Passed bytes user space has read from the source and written to the
+    /// target. The kernel resumes redirecting only when this equals
     /// [`DirStats::passed`], so bytes never overtake one another.
     pub drained: u64,
-    /// Non-zero: pass every skb to user space (set during hand-off).
-    pub hold: u32,
-    /// Padding made explicit.
-    pub _pad: u32,
 }
 
 /// Counters of one direction, written by the verdict program only.

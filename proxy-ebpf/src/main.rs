@@ -3,12 +3,10 @@
 //! Both sockets of a relayed pair sit in the `SOCKS` sockhash, keyed by
 //! socket cookie. For every skb that arrives on a source socket the verdict
 //! either redirects it to the peer's egress, or passes it to the source's own
-//! receive queue, where user space reads it. It passes when
-//! - user space holds the direction (the hand-off is still writing bytes that
-//!   arrived with the handshake), or
-//! - the direction has used its credit: `redirected` would pass `limit`.
-//!   That is the backpressure: passed bytes stay charged to the source's
-//!   receive buffer, so TCP closes the source's window.
+//! receive queue, where user space reads it. It passes when the direction has
+//! used its credit (`redirected` would pass `limit`). That is the
+//! backpressure: passed bytes stay charged to the source's receive buffer, so
+//! TCP closes the source's window.
 //!
 //! Once passing, it resumes redirecting only when user space has written every
 //! passed byte to the peer (`drained == passed`), so bytes keep their order.
@@ -65,12 +63,12 @@ pub fn sluice_verdict(ctx: SkBuffContext) -> u32 {
 
     let fits = st.redirected + len <= ctl.limit;
     if st.passing != 0 {
-        if ctl.hold != 0 || ctl.drained != st.passed || !fits {
+        if ctl.drained != st.passed || !fits {
             return pass(&ctx, st, cookie, len);
         }
         st.passing = 0;
         debug!(&ctx, "sluice: socket {} redirects again", cookie);
-    } else if ctl.hold != 0 || !fits {
+    } else if !fits {
         st.passing = 1;
         debug!(&ctx, "sluice: socket {} passes to user space", cookie);
         return pass(&ctx, st, cookie, len);

@@ -206,8 +206,14 @@ impl Config {
         }
         for (field, v) in [
             ("timeouts.handshake_ms", self.timeouts.handshake_ms),
-            ("timeouts.origin_connect_ms", self.timeouts.origin_connect_ms),
-            ("timeouts.origin_response_ms", self.timeouts.origin_response_ms),
+            (
+                "timeouts.origin_connect_ms",
+                self.timeouts.origin_connect_ms,
+            ),
+            (
+                "timeouts.origin_response_ms",
+                self.timeouts.origin_response_ms,
+            ),
         ] {
             if v == 0 {
                 return Err(invalid(field, "must be greater than 0"));
@@ -305,15 +311,23 @@ origin = "127.0.0.1:2"
         )
         .unwrap_err()
         .to_string();
-        assert!(err.starts_with("b.toml:2: field `limits.max_buffer_per_direction`"), "{err}");
+        assert!(
+            err.starts_with("b.toml:2: field `limits.max_buffer_per_direction`"),
+            "{err}"
+        );
         let err = Config::from_toml(
             "[[listeners]]\nlisten = \"127.0.0.1:1\"\norigin = \"127.0.0.1:2\"\n[[listeners]]\nlisten = \"127.0.0.1:1\"\norigin = \"127.0.0.1:3\"\n",
             Path::new("d.toml"),
         )
         .unwrap_err()
         .to_string();
-        assert!(err.starts_with("d.toml:5: field `listeners[1].listen`"), "{err}");
-        let err = Config::from_toml("listeners = []\n", Path::new("c.toml")).unwrap_err().to_string();
+        assert!(
+            err.starts_with("d.toml:5: field `listeners[1].listen`"),
+            "{err}"
+        );
+        let err = Config::from_toml("listeners = []\n", Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("field `listeners`"), "{err}");
     }
 }

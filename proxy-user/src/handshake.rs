@@ -205,11 +205,17 @@ pub fn check_response(headers: &HeaderMap, req: &WsRequest) -> Result<(), Reject
     }
     match single(headers, &header::SEC_WEBSOCKET_ACCEPT) {
         Ok(Some(a)) if a == accept_key(&req.key) => {}
-        _ => return Err(bad_gw("origin's Sec-WebSocket-Accept does not match the key")),
+        _ => {
+            return Err(bad_gw(
+                "origin's Sec-WebSocket-Accept does not match the key",
+            ))
+        }
     }
     if let Ok(Some(p)) = single(headers, &header::SEC_WEBSOCKET_PROTOCOL) {
         if !req.protocols.iter().any(|o| o == p) {
-            return Err(bad_gw("origin chose a subprotocol the client did not offer"));
+            return Err(bad_gw(
+                "origin chose a subprotocol the client did not offer",
+            ));
         }
     }
     Ok(())
@@ -222,7 +228,10 @@ mod tests {
     fn req(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
         }
         h
     }
@@ -240,7 +249,10 @@ mod tests {
 
     #[test]
     fn rfc_example_accept() {
-        assert_eq!(accept_key("dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        assert_eq!(
+            accept_key("dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
     }
 
     #[test]
@@ -256,9 +268,17 @@ mod tests {
             ("upgrade", Some("h2c"), StatusCode::BAD_REQUEST),
             ("connection", Some("close"), StatusCode::BAD_REQUEST),
             ("sec-websocket-key", None, StatusCode::BAD_REQUEST),
-            ("sec-websocket-key", Some("not base64!"), StatusCode::BAD_REQUEST),
+            (
+                "sec-websocket-key",
+                Some("not base64!"),
+                StatusCode::BAD_REQUEST,
+            ),
             ("sec-websocket-key", Some("AAAA"), StatusCode::BAD_REQUEST),
-            ("sec-websocket-version", Some("8"), StatusCode::UPGRADE_REQUIRED),
+            (
+                "sec-websocket-version",
+                Some("8"),
+                StatusCode::UPGRADE_REQUIRED,
+            ),
             ("sec-websocket-version", None, StatusCode::BAD_REQUEST),
         ];
         for (name, val, status) in cases {
@@ -283,14 +303,20 @@ mod tests {
         let out = forward_headers(&h, "192.0.2.7:5555".parse().unwrap(), "http");
         assert_eq!(out["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
         assert_eq!(out["x-forwarded-proto"], "http");
-        assert_eq!(out["forwarded"], "for=192.0.2.7;proto=http;host=\"example.com\"");
+        assert_eq!(
+            out["forwarded"],
+            "for=192.0.2.7;proto=http;host=\"example.com\""
+        );
         assert_eq!(out["connection"], "Upgrade");
         assert_eq!(out["upgrade"], "websocket");
         assert!(!out.contains_key("keep-alive"));
         assert_eq!(out["sec-websocket-protocol"], "chat, superchat");
         assert_eq!(out["sec-websocket-key"], "dGhlIHNhbXBsZSBub25jZQ==");
         let v6 = forward_headers(&h, "[::1]:1".parse().unwrap(), "http");
-        assert!(v6["forwarded"].to_str().unwrap().starts_with("for=\"[::1]\""));
+        assert!(v6["forwarded"]
+            .to_str()
+            .unwrap()
+            .starts_with("for=\"[::1]\""));
     }
 
     #[test]
@@ -305,9 +331,15 @@ mod tests {
         assert_eq!(check_response(&ok, &r), Ok(()));
         let mut wrong = ok.clone();
         wrong.insert("sec-websocket-accept", HeaderValue::from_static("AAAA"));
-        assert_eq!(check_response(&wrong, &r).unwrap_err().status, StatusCode::BAD_GATEWAY);
+        assert_eq!(
+            check_response(&wrong, &r).unwrap_err().status,
+            StatusCode::BAD_GATEWAY
+        );
         let mut proto = ok.clone();
         proto.insert("sec-websocket-protocol", HeaderValue::from_static("other"));
-        assert_eq!(check_response(&proto, &r).unwrap_err().status, StatusCode::BAD_GATEWAY);
+        assert_eq!(
+            check_response(&proto, &r).unwrap_err().status,
+            StatusCode::BAD_GATEWAY
+        );
     }
 }

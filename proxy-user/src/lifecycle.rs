@@ -67,7 +67,10 @@ pub async fn serve_client(stream: TcpStream, peer: SocketAddr, ctx: Arc<Listener
         .with_upgrades();
     if let Err(e) = conn.await {
         let answer = if e.is_timeout() {
-            Some((StatusCode::REQUEST_TIMEOUT, "request head not received in time"))
+            Some((
+                StatusCode::REQUEST_TIMEOUT,
+                "request head not received in time",
+            ))
         } else if e.is_incomplete_message() {
             Some((StatusCode::BAD_REQUEST, "truncated request head"))
         } else {
@@ -123,7 +126,10 @@ fn error_response(e: &ProxyError) -> Response<Body> {
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     if e.status == StatusCode::UPGRADE_REQUIRED {
-        h.insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        h.insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     }
     resp
@@ -178,7 +184,9 @@ async fn upgrade(
         .map(|p| p.as_str())
         .unwrap_or("/")
         .parse()
-        .map_err(|_| ProxyError::client("handshake", StatusCode::BAD_REQUEST, "bad request target"))?;
+        .map_err(|_| {
+            ProxyError::client("handshake", StatusCode::BAD_REQUEST, "bad request target")
+        })?;
     *oreq.version_mut() = Version::HTTP_11;
     *oreq.headers_mut() = handshake::forward_headers(req.headers(), peer, "http");
     let mut oresp = tokio::time::timeout(t.origin_response(), sender.send_request(oreq))
@@ -242,7 +250,13 @@ async fn upgrade(
 }
 
 /// Phases hand-off and close.
-async fn hand_off(pair: Pair, peer: SocketAddr, path: String, _ws: WsRequest, paths: Arc<DataPaths>) {
+async fn hand_off(
+    pair: Pair,
+    peer: SocketAddr,
+    path: String,
+    _ws: WsRequest,
+    paths: Arc<DataPaths>,
+) {
     let started = Instant::now();
     let acct = Arc::new(Accounting::default());
     let (path_used, reason) = paths.relay(pair, acct.clone()).await;

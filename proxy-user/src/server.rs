@@ -36,8 +36,12 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     );
     let mut listeners = Vec::new();
     for l in &cfg.listeners {
-        let tl = bind(l.listen, cfg.limits.max_buffer_per_direction)
-            .map_err(|source| ServerError::Bind { addr: l.listen, source })?;
+        let tl = bind(l.listen, cfg.limits.max_buffer_per_direction).map_err(|source| {
+            ServerError::Bind {
+                addr: l.listen,
+                source,
+            }
+        })?;
         let ctx = Arc::new(ListenerCtx {
             cfg: cfg.clone(),
             origin: l.origin,

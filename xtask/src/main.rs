@@ -55,7 +55,10 @@ fn main() -> Result<()> {
         Cmd::Setup => setup::all(&root),
         Cmd::Build => {
             setup::all(&root)?;
-            cargo(&root, &["build", "--release", "--workspace", "--all-targets"])
+            cargo(
+                &root,
+                &["build", "--release", "--workspace", "--all-targets"],
+            )
         }
         Cmd::Run { datapath, extra } => {
             setup::all(&root)?;
@@ -69,8 +72,27 @@ fn main() -> Result<()> {
         Cmd::Bench { extra } => {
             setup::all(&root)?;
             setup::bench_packages()?;
-            cargo(&root, &["build", "--release", "-p", "proxy-user", "-p", "bench", "--bins"])?;
-            let mut args = vec!["run", "--release", "-p", "bench", "--bin", "sluice-bench", "--"];
+            cargo(
+                &root,
+                &[
+                    "build",
+                    "--release",
+                    "-p",
+                    "proxy-user",
+                    "-p",
+                    "bench",
+                    "--bins",
+                ],
+            )?;
+            let mut args = vec![
+                "run",
+                "--release",
+                "-p",
+                "bench",
+                "--bin",
+                "sluice-bench",
+                "--",
+            ];
             args.extend(extra.iter().map(String::as_str));
             cargo(&root, &args)
         }
@@ -105,9 +127,20 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
     cargo(root, &["fmt", "--all", "--", "--check"])?;
     cargo(
         root,
-        &["clippy", "--release", "--workspace", "--all-targets", "--", "-D", "warnings"],
+        &[
+            "clippy",
+            "--release",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
     )?;
-    cargo(root, &["build", "--release", "--workspace", "--all-targets"])?;
+    cargo(
+        root,
+        &["build", "--release", "--workspace", "--all-targets"],
+    )?;
     let sluice = root.join("target/release/sluice");
     // End-to-end tests share loopback ports and measure host memory, so they
     // run one at a time.
@@ -146,7 +179,9 @@ fn run_demo(root: &Path, datapath: &str, extra: &[String]) -> Result<()> {
         }
     };
     println!();
-    println!("Sluice listens on ws://127.0.0.1:8080/ in front of an echo origin on 127.0.0.1:9000.");
+    println!(
+        "Sluice listens on ws://127.0.0.1:8080/ in front of an echo origin on 127.0.0.1:9000."
+    );
     println!("Talk to it with a real client, for example:");
     println!("    python3 -m websockets ws://127.0.0.1:8080/");
     println!("Ctrl-C stops both.");

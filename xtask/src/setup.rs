@@ -84,7 +84,10 @@ fn bpf_linker(root: &Path) -> Result<()> {
     let lib = std::fs::read_dir(&libdir)?
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .find(|n| n.starts_with(&format!("libLLVM.so.{major}")) || n.starts_with(&format!("libLLVM-{major}")))
+        .find(|n| {
+            n.starts_with(&format!("libLLVM.so.{major}"))
+                || n.starts_with(&format!("libLLVM-{major}"))
+        })
         .with_context(|| format!("no libLLVM {major} in {}", libdir.display()))?;
     let prefix = root.join("target/llvm-prefix");
     let plib = prefix.join("lib");

@@ -66,6 +66,16 @@ pub enum Side {
     Origin,
 }
 
+impl Side {
+    /// The other side.
+    pub fn flip(self) -> Side {
+        match self {
+            Side::Client => Side::Origin,
+            Side::Origin => Side::Client,
+        }
+    }
+}
+
 impl std::fmt::Display for Side {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {

@@ -5,10 +5,13 @@
 //! the loop only for the three things a naive relay gets wrong
 //! (`shared/datapath-facts.md`):
 //!
-//! 1. **Bytes that came with the handshake.** They are written first. Both
-//!    sockets join the sockhash with the direction *held*: the verdict passes
-//!    everything to user space, which reads the socket dry (old data in the
-//!    TCP queue included) and writes it on, in order. Then the hold lifts.
+//! 1. **Bytes that came with the handshake.** Hyper's read-ahead is written
+//!    first, then each socket's TCP queue is read empty in one large read
+//!    (hyper's small reads can leave an skb half-read, and the verdict would
+//!    see it whole and send its head twice). After both sockets join the
+//!    sockhash, `SO_RCVLOWAT` makes TCP call `sk_data_ready` once, so skbs
+//!    that arrived in between go through the verdict at once, in order,
+//!    instead of waiting for the next segment.
 //! 2. **Backpressure.** Each direction has a credit: the verdict redirects
 //!    only while `redirected <= limit`, and user space moves `limit` up as the
 //!    target's receiver acknowledges bytes (`tcpi_bytes_acked`). Past it the
@@ -214,22 +217,37 @@ impl Sockmap {
         if client.write_all(&origin_ahead).await.is_err() {
             return Ok(reset_both(&client, &origin, Side::Client));
         }
-        let ahead = [client_ahead.len() as u64, origin_ahead.len() as u64];
+        // Hyper's small reads may have taken part of an skb; the verdict
+        // would later see that skb whole and send its head twice. One large
+        // read empties each TCP queue, so whatever is left is whole skbs.
+        let c_queued = match take_queued(&client, &mut origin, Side::Client).await {
+            Ok(n) => n,
+            Err(side) => return Ok(reset_both(&client, &origin, side)),
+        };
+        let o_queued = match take_queued(&origin, &mut client, Side::Origin).await {
+            Ok(n) => n,
+            Err(side) => return Ok(reset_both(&client, &origin, side)),
+        };
+        let ahead = [
+            client_ahead.len() as u64 + c_queued,
+            origin_ahead.len() as u64 + o_queued,
+        ];
         acct.add(true, ahead[0]);
         acct.add(false, ahead[1]);
-        let give_back = |c: std::net::TcpStream, o: std::net::TcpStream, why: String| {
-            match (userspace::from_std(c), userspace::from_std(o)) {
-                (Ok(client), Ok(origin)) => Err((
-                    Pair {
-                        client,
-                        client_ahead: Default::default(),
-                        origin,
-                        origin_ahead: Default::default(),
-                    },
-                    why,
-                )),
-                (Err(e), _) | (_, Err(e)) => Ok(CloseReason::Internal(e.to_string())),
-            }
+        let give_back = |c: std::net::TcpStream, o: std::net::TcpStream, why: String| match (
+            userspace::from_std(c),
+            userspace::from_std(o),
+        ) {
+            (Ok(client), Ok(origin)) => Err((
+                Pair {
+                    client,
+                    client_ahead: Default::default(),
+                    origin,
+                    origin_ahead: Default::default(),
+                },
+                why,
+            )),
+            (Err(e), _) | (_, Err(e)) => Ok(CloseReason::Internal(e.to_string())),
         };
         let (c, o) = match (client.into_std(), origin.into_std()) {
             (Ok(c), Ok(o)) => (c, o),
@@ -287,11 +305,15 @@ impl Sockmap {
             let [c, o] = fds;
             return give_back(c, o, e.to_string());
         }
-        let second = lock(&self.maps).socks.insert(cookies[1], fds[1].as_raw_fd(), 0);
+        let second = lock(&self.maps)
+            .socks
+            .insert(cookies[1], fds[1].as_raw_fd(), 0);
         if let Err(e) = second {
-            // The client socket is in the map, held: everything it receives
-            // is passed to its own queue in order, so a user-space relay on
-            // both sockets stays correct. It leaves the map at close.
+            // The client socket is in the map, but its peer is not: every
+            // redirect fails, so the verdict passes all it gets to the
+            // client's own queue, in order, and a user-space relay on both
+            // sockets stays correct. It leaves the map at close.
+            kick(fds[0].as_fd());
             tracing::warn!("origin socket cannot join the sockhash ({e}); relaying in user space");
             let [c, o] = fds;
             let (c2, o2) = match (c.try_clone(), o.try_clone()) {
@@ -317,6 +339,9 @@ impl Sockmap {
             return Ok(reason);
         }
 
+        for fd in &fds {
+            kick(fd.as_fd());
+        }
         let reason = self.run(&mut dirs, &fds, &signal, &acct, ahead).await;
         let stats = self.leave(&cookies, &fds);
         acct.set(
@@ -347,16 +372,6 @@ impl Sockmap {
         acct: &Accounting,
         ahead: [u64; 2],
     ) -> CloseReason {
-        // Hand-off: read each held socket dry, then let the verdict redirect.
-        for d in dirs.iter_mut() {
-            if let Err(side) = d.pump(self, fds, true) {
-                return CloseReason::Reset(side);
-            }
-            d.hold = false;
-            if let Err(e) = d.write_ctl(self, fds) {
-                return CloseReason::Internal(e.to_string());
-            }
-        }
         loop {
             let bits = [
                 signal.bits[0].swap(0, Ordering::AcqRel),
@@ -366,7 +381,11 @@ impl Sockmap {
                 if b & (EV_ERR | EV_HUP) != 0 {
                     if let Ok(Some(e)) = sockopt::take_error(fds[side].as_fd()) {
                         tracing::debug!("socket {side} failed: {e}");
-                        return CloseReason::Reset(if side == 0 { Side::Client } else { Side::Origin });
+                        return CloseReason::Reset(if side == 0 {
+                            Side::Client
+                        } else {
+                            Side::Origin
+                        });
                     }
                 }
             }
@@ -384,7 +403,7 @@ impl Sockmap {
                     }
                 }
                 if sb & (EV_PASSED | EV_RDHUP) != 0 || bits[d.dst] & EV_OUT != 0 || d.busy() {
-                    if let Err(side) = d.pump(self, fds, false) {
+                    if let Err(side) = d.pump(self, fds) {
                         return CloseReason::Reset(side);
                     }
                 }
@@ -430,6 +449,27 @@ impl Sockmap {
     }
 }
 
+/// Moves whatever sits in `src`'s TCP queue to `dst` with one read large
+/// enough for all of it. `Err` names the side whose socket failed.
+async fn take_queued(
+    src: &tokio::net::TcpStream,
+    dst: &mut tokio::net::TcpStream,
+    src_side: Side,
+) -> Result<u64, Side> {
+    let rcvbuf = socket2::SockRef::from(src).recv_buffer_size().unwrap_or(0);
+    let mut buf = vec![0u8; DRAIN_BUF.max(rcvbuf * 2)];
+    match src.try_read(&mut buf) {
+        Ok(n) => {
+            dst.write_all(&buf[..n])
+                .await
+                .map_err(|_| src_side.flip())?;
+            Ok(n as u64)
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+        Err(_) => Err(src_side),
+    }
+}
+
 /// Registers an fd-owning object with tokio for readability.
 fn readable<T: AsRawFd>(inner: T) -> io::Result<AsyncFd<T>> {
     // SAFETY: each `T` here owns its fd (a map, an OwnedFd, the logger's
@@ -456,13 +496,17 @@ struct Dir {
     credit: u64,
     /// Bytes user space wrote to `dst` since the hand-off.
     user_written: u64,
-    /// `passed` up to which user space has read and written everything.
+    /// Bytes user space read from `src` since the hand-off: all of them
+    /// passed by the verdict, because the TCP queue was empty when `src`
+    /// joined the sockhash and the verdict empties it on every arrival.
+    passed_read: u64,
+    /// `passed_read` as last published to the kernel (`DirCtl::drained`).
     drained: u64,
     redirected: u64,
-    hold: bool,
     buf: Vec<u8>,
     pending: std::ops::Range<usize>,
-    /// `dst`'s redirect queue was not yet empty at the last look.
+    /// `dst`'s redirect queue was not yet empty at the last look, or passed
+    /// bytes were counted but not yet readable.
     waiting: bool,
     fin_seen: bool,
     eof: bool,
@@ -479,9 +523,9 @@ impl Dir {
             base_dst,
             credit,
             user_written: 0,
+            passed_read: 0,
             drained: 0,
             redirected: 0,
-            hold: true,
             buf: Vec::new(),
             pending: 0..0,
             waiting: false,
@@ -502,12 +546,10 @@ impl Dir {
             limit,
             refill_at,
             drained: self.drained,
-            hold: u32::from(self.hold),
-            _pad: 0,
         }
     }
 
-    /// Publishes `drained`, `hold` and a limit that keeps what sits between
+    /// Publishes `drained` and a limit that keeps what sits between
     /// the source and `dst`'s receiver (redirect queue plus `dst`'s send
     /// queue) within the credit.
     fn write_ctl(&self, sm: &Sockmap, fds: &[std::net::TcpStream; 2]) -> io::Result<()> {
@@ -540,12 +582,7 @@ impl Dir {
     /// Moves what the verdict passed to user space on to `dst`, in order, and
     /// propagates FIN once nothing is left in flight. Never blocks.
     /// `Err` names the side whose socket failed.
-    fn pump(
-        &mut self,
-        sm: &Sockmap,
-        fds: &[std::net::TcpStream; 2],
-        first: bool,
-    ) -> Result<(), Side> {
+    fn pump(&mut self, sm: &Sockmap, fds: &[std::net::TcpStream; 2]) -> Result<(), Side> {
         let side = |i: usize| if i == 0 { Side::Client } else { Side::Origin };
         let (src, dst) = (fds[self.src].as_fd(), fds[self.dst].as_fd());
         loop {
@@ -564,6 +601,8 @@ impl Dir {
             }
             let st = self.stats(sm);
             self.redirected = st.redirected;
+            // Passed bytes may be written only after every redirected byte
+            // has entered `dst`'s send queue.
             let written = sockopt::bytes_written(dst).map_err(|_| side(self.dst))?;
             self.waiting = written < self.base_dst + st.redirected + self.user_written;
             if self.waiting {
@@ -575,26 +614,36 @@ impl Dir {
                 self.buf = Vec::new();
                 return Ok(());
             }
+            if self.passed_read == st.passed && !self.fin_seen {
+                // Everything passed is read and written: the verdict may
+                // redirect again.
+                if self.drained != self.passed_read {
+                    self.drained = self.passed_read;
+                    self.write_ctl(sm, fds).map_err(|_| side(self.dst))?;
+                }
+                self.buf = Vec::new();
+                return Ok(());
+            }
             if self.buf.is_empty() {
-                // On the first drain the TCP queue may hold whole skbs that
-                // arrived before the hand-off: read them in one go so none is
-                // left half-read for the verdict.
-                let inq = if first { sockopt::inq(src).unwrap_or(0) as usize } else { 0 };
-                self.buf = vec![0; DRAIN_BUF.max(inq * 2)];
+                self.buf = vec![0; DRAIN_BUF];
             }
             match recv(src, &mut self.buf) {
-                Ok(0) => self.eof = true,
-                Ok(n) => self.pending = 0..n,
+                // The socket reports EOF once FIN is in, even while passed
+                // skbs still wait in the psock's work queue: only count it
+                // when every passed byte has been read.
+                Ok(0) if self.passed_read == self.stats(sm).passed => self.eof = true,
+                Ok(0) => {
+                    self.waiting = true;
+                    return Ok(());
+                }
+                Ok(n) => {
+                    self.passed_read += n as u64;
+                    self.pending = 0..n;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // Everything passed before `st` was read has been read
-                    // and written: the verdict may redirect again.
-                    if self.drained != st.passed || first {
-                        self.drained = st.passed;
-                        if !first {
-                            self.write_ctl(sm, fds).map_err(|_| side(self.dst))?;
-                        }
-                    }
-                    self.buf = Vec::new();
+                    // Counted by the verdict but not queued yet (or FIN
+                    // seen before its data): look again shortly.
+                    self.waiting = true;
                     return Ok(());
                 }
                 Err(e) => {
@@ -604,6 +653,22 @@ impl Dir {
             }
         }
     }
+}
+
+/// Makes TCP run `sk_data_ready` now (`tcp_set_rcvlowat`, Linux 4.17+), so
+/// the verdict takes skbs that arrived before the socket joined the map.
+fn kick(fd: BorrowedFd<'_>) {
+    let one: libc::c_int = 1;
+    // SAFETY: a valid fd and an int option value of the right size.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
 }
 
 fn recv(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {

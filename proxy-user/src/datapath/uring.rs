@@ -137,8 +137,13 @@ async fn run(job: Job) {
     let reason = match result {
         Ok(_) => CloseReason::Done,
         Err(side) => {
-            sockopt::set_reset_on_close(fd_of(&client));
-            sockopt::set_reset_on_close(fd_of(&origin));
+            // A read still in flight on the other socket holds a reference
+            // to it, so close alone would not reset it. SHUT_RD ends that
+            // read; the last reference then closes with SO_LINGER 0 (RST).
+            for s in [&client, &origin] {
+                sockopt::set_reset_on_close(fd_of(s));
+                let _ = socket2::SockRef::from(&fd_of(s)).shutdown(std::net::Shutdown::Read);
+            }
             CloseReason::Reset(side)
         }
     };
@@ -167,7 +172,10 @@ async fn pump(
     };
     if !ahead.is_empty() {
         let n = ahead.len() as u64;
-        dst.write_all(ahead.to_vec()).await.0.map_err(|_| dst_side)?;
+        dst.write_all(ahead.to_vec())
+            .await
+            .0
+            .map_err(|_| dst_side)?;
         acct.add(to_origin, n);
     }
     let mut buf = Vec::with_capacity(BUF);
