@@ -63,6 +63,7 @@ pub async fn serve_client(stream: TcpStream, peer: SocketAddr, ctx: Arc<Listener
         .timer(TokioTimer::new())
         .header_read_timeout(ctx.cfg.timeouts.handshake())
         .max_buf_size(MAX_HEAD)
+        .title_case_headers(true)
         .serve_connection(TokioIo::new(stream), svc)
         .with_upgrades();
     if let Err(e) = conn.await {

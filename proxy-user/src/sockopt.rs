@@ -100,11 +100,12 @@ pub fn set_reset_on_close(fd: BorrowedFd<'_>) {
     let _ = socket2::SockRef::from(&fd).set_linger(Some(std::time::Duration::ZERO));
 }
 
-/// Sizes both socket buffers so that one direction through this socket and
-/// its peer holds at most about `bound` bytes in the kernel.
+/// Sizes both socket buffers to a quarter of `bound` each, so that one
+/// direction (source receive buffer, target send buffer, and on the sockmap
+/// path the redirect credit) stays within `bound` counting skb overhead.
 pub fn bound_buffers(fd: BorrowedFd<'_>, bound: u64) {
     // The kernel doubles the value for its bookkeeping overhead.
-    let each = usize::try_from(bound / 4).unwrap_or(usize::MAX);
+    let each = usize::try_from(bound / 8).unwrap_or(usize::MAX);
     let s = socket2::SockRef::from(&fd);
     let _ = s.set_recv_buffer_size(each);
     let _ = s.set_send_buffer_size(each);

@@ -478,7 +478,9 @@ impl Prng {
     }
 }
 
-/// Host memory in use, from /proc/meminfo: MemTotal - MemAvailable, in bytes.
+/// Host memory in use, from /proc/meminfo, as free(1) counts "used":
+/// MemTotal - MemFree - Buffers - Cached - SReclaimable, in bytes. Socket
+/// buffers (slab and page fragments) land here; page cache does not.
 pub fn host_mem_used() -> u64 {
     let text = std::fs::read_to_string("/proc/meminfo").unwrap();
     let field = |name: &str| -> u64 {
@@ -489,7 +491,11 @@ pub fn host_mem_used() -> u64 {
             .unwrap_or(0)
             * 1024
     };
-    field("MemTotal:") - field("MemAvailable:")
+    field("MemTotal:")
+        .saturating_sub(field("MemFree:"))
+        .saturating_sub(field("Buffers:"))
+        .saturating_sub(field("Cached:"))
+        .saturating_sub(field("SReclaimable:"))
 }
 
 /// TCP memory from /proc/net/sockstat, in bytes.
@@ -514,7 +520,7 @@ pub fn fd_count(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
-/// Resident set size of a process, in bytes.
+/// Resident set size of a process (`VmRSS`), in bytes.
 pub fn rss(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()

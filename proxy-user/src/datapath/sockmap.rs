@@ -265,8 +265,10 @@ impl Sockmap {
                 }
                 cookies[i] = sockopt::cookie(fd)?;
                 base[i] = sockopt::bytes_written(fd)?;
-                let rcvbuf = socket2::SockRef::from(&fd).recv_buffer_size()? as u64;
-                credit[i] = self.bound.saturating_sub(rcvbuf).max(self.bound / 4);
+                // Payload in flight between the source and the target's
+                // receiver; with the source's receive buffer (bound/4) and
+                // skb overhead (up to 2x payload) it stays within the bound.
+                credit[i] = self.bound / 4;
             }
             Ok((cookies, base, credit))
         })();
@@ -456,13 +458,19 @@ async fn take_queued(
     dst: &mut tokio::net::TcpStream,
     src_side: Side,
 ) -> Result<u64, Side> {
-    let rcvbuf = socket2::SockRef::from(src).recv_buffer_size().unwrap_or(0);
-    let mut buf = vec![0u8; DRAIN_BUF.max(rcvbuf * 2)];
-    match src.try_read(&mut buf) {
+    let fd = src.as_fd();
+    // Usually nothing is queued: no buffer at all then.
+    if sockopt::inq(fd).map_err(|_| src_side)? == 0 {
+        return Ok(0);
+    }
+    // The queue holds at most about SO_RCVBUF bytes; twice that takes it
+    // whole even if more arrives meanwhile. Uninitialised: only what
+    // arrives is touched.
+    let rcvbuf = socket2::SockRef::from(&fd).recv_buffer_size().unwrap_or(0);
+    let mut buf: Vec<u8> = Vec::with_capacity(DRAIN_BUF.max(rcvbuf * 2));
+    match recv_spare(fd, &mut buf) {
         Ok(n) => {
-            dst.write_all(&buf[..n])
-                .await
-                .map_err(|_| src_side.flip())?;
+            dst.write_all(&buf).await.map_err(|_| src_side.flip())?;
             Ok(n as u64)
         }
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
@@ -624,10 +632,25 @@ impl Dir {
                 self.buf = Vec::new();
                 return Ok(());
             }
-            if self.buf.is_empty() {
-                self.buf = vec![0; DRAIN_BUF];
+            if self.passed_read == st.passed {
+                // Only FIN is expected: peek one byte instead of allocating.
+                match recv(src, &mut [0u8; 1], libc::MSG_PEEK) {
+                    Ok(0) => {
+                        self.eof = true;
+                        continue;
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.waiting = true;
+                        return Ok(());
+                    }
+                    Err(_) => return Err(side(self.src)),
+                }
             }
-            match recv(src, &mut self.buf) {
+            if self.buf.capacity() == 0 {
+                self.buf = Vec::with_capacity(DRAIN_BUF);
+            }
+            match recv_spare(src, &mut self.buf) {
                 // The socket reports EOF once FIN is in, even while passed
                 // skbs still wait in the psock's work queue: only count it
                 // when every passed byte has been read.
@@ -671,19 +694,40 @@ fn kick(fd: BorrowedFd<'_>) {
     };
 }
 
-fn recv(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+fn recv(fd: BorrowedFd<'_>, buf: &mut [u8], flags: i32) -> io::Result<usize> {
     // SAFETY: buf is valid for writes of its length.
     let n = unsafe {
         libc::recv(
             fd.as_raw_fd(),
             buf.as_mut_ptr().cast(),
             buf.len(),
+            libc::MSG_DONTWAIT | flags,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// Receives into `buf`'s whole capacity without zeroing it first; `buf`'s
+/// length becomes what arrived.
+fn recv_spare(fd: BorrowedFd<'_>, buf: &mut Vec<u8>) -> io::Result<usize> {
+    buf.clear();
+    // SAFETY: recv writes at most `capacity` bytes into the spare capacity.
+    let n = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.capacity(),
             libc::MSG_DONTWAIT,
         )
     };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
+    // SAFETY: the kernel initialised the first n bytes.
+    unsafe { buf.set_len(n as usize) };
     Ok(n as usize)
 }
 

@@ -178,19 +178,53 @@ async fn pump(
             .map_err(|_| dst_side)?;
         acct.add(to_origin, n);
     }
-    let mut buf = Vec::with_capacity(BUF);
+    let mut buf = PooledBuf::take();
     loop {
-        buf.clear();
-        let (res, b) = src.read(buf).await;
-        buf = b;
+        let mut b = buf.0.take().unwrap_or_default();
+        b.clear();
+        let (res, b) = src.read(b).await;
+        buf.0 = Some(b);
         let n = res.map_err(|_| src_side)?;
         if n == 0 {
             let _ = dst.shutdown(std::net::Shutdown::Write);
             return Ok(());
         }
-        let (res, b) = dst.write_all(buf).await;
-        buf = b;
+        let (res, b) = dst.write_all(buf.0.take().unwrap_or_default()).await;
+        buf.0 = Some(b);
         res.map_err(|_| dst_side)?;
         acct.add(to_origin, n as u64);
+    }
+}
+
+/// Buffers kept for reuse on the relay thread: enough for the usual number
+/// of busy connections, so RSS does not churn with the connection rate.
+const POOL_MAX: usize = 256;
+
+thread_local! {
+    static POOL: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A relay buffer that goes back to the pool when dropped. While an
+/// operation owns the buffer this holds `None`; a cancelled operation keeps
+/// it, and it is freed rather than pooled.
+struct PooledBuf(Option<Vec<u8>>);
+
+impl PooledBuf {
+    fn take() -> PooledBuf {
+        let b = POOL.with(|p| p.borrow_mut().pop());
+        PooledBuf(Some(b.unwrap_or_else(|| Vec::with_capacity(BUF))))
+    }
+}
+
+impl Drop for PooledBuf {
+    fn drop(&mut self) {
+        if let Some(b) = self.0.take() {
+            POOL.with(|p| {
+                let mut p = p.borrow_mut();
+                if p.len() < POOL_MAX && b.capacity() == BUF {
+                    p.push(b);
+                }
+            });
+        }
     }
 }
