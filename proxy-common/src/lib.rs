@@ -1,43 +1,49 @@
 //! `#[repr(C)]` types shared by Sluice's eBPF verdict program and user space.
 //!
-//! Every map is keyed by the socket cookie (`SO_COOKIE`) of the socket whose
-//! *incoming* bytes the entry describes: the source of one relay direction.
-//! The kernel side writes [`DirStats`]; user space writes [`DirCtl`]. Keeping
-//! the writers apart means neither side ever overwrites the other's counters.
+//! Each relayed direction is named by the socket cookie (`SO_COOKIE`) of its
+//! source socket. `SLOTS` maps that cookie to a slot, written once when the
+//! connection joins and removed when it leaves. Per slot, user space writes
+//! [`DirCtl`] and the kernel writes [`DirStats`], in two `BPF_F_MMAPABLE`
+//! arrays that both sides access in place: user space with atomic loads and
+//! stores on single fields, no syscalls. (A hash map would not do: updating
+//! a key recycles its element at once, and a verdict still holding the old
+//! pointer would read another key's values.)
 //!
 //! Types are padding-free so that a map value has no uninitialised bytes.
 #![no_std]
 
-/// Name of the sockhash that holds both sockets of every relayed pair.
+/// Name of the sockhash of sockets whose incoming bytes the verdict
+/// redirects. A direction is paused by taking its source out of this map.
 pub const MAP_SOCKS: &str = "SOCKS";
-/// Name of the hash map of [`DirCtl`] (user space writes, kernel reads).
+/// Name of the sockhash of redirect targets (no program attached). Every
+/// socket of a relayed pair stays here for the whole connection, which keeps
+/// its psock, and the redirect queue towards it, alive while its own
+/// direction is paused.
+pub const MAP_TARGETS: &str = "TARGETS";
+/// Name of the hash map from socket cookie to slot.
+pub const MAP_SLOTS: &str = "SLOTS";
+/// Name of the mmapable array of [`DirCtl`] (user space writes, kernel reads).
 pub const MAP_CTL: &str = "CTL";
-/// Name of the hash map of [`DirStats`] (kernel writes, user space reads).
+/// Name of the mmapable array of [`DirStats`] (kernel writes, user space reads).
 pub const MAP_STATS: &str = "STATS";
 /// Name of the ring buffer of [`Event`]s.
 pub const MAP_EVENTS: &str = "EVENTS";
 /// Name of the sk_skb stream_verdict program.
 pub const PROG_VERDICT: &str = "sluice_verdict";
 
-/// Upper bound on relayed pairs the maps can hold (two entries per pair).
+/// Slots, and so directions (two per relayed pair), the maps can hold.
 pub const MAX_SOCKETS: u32 = 65_536;
 
 /// Control of one direction, written by user space only.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DirCtl {
-    /// Cookie of the socket this direction writes to (the sockhash key).
+    /// Cookie of the socket this direction writes to (the `TARGETS` key).
     pub peer_cookie: u64,
-    /// The verdict redirects only while `redirected + len <= limit`.
-    /// User space raises it as the target's receiver acknowledges bytes,
-    /// which is what bounds the memory one direction can hold.
-    pub limit: u64,
-    /// When `redirected` passes this mark the kernel asks for a new limit.
+    /// When `redirected` reaches this mark the kernel asks user space to
+    /// look at the target's progress (and pause the direction if its
+    /// receiver is behind by more than the credit).
     pub refill_at: u64,
-    /// Passed bytes user space has read from the source and written to the
-    /// target. The kernel resumes redirecting only when this equals
-    /// [`DirStats::passed`], so bytes never overtake one another.
-    pub drained: u64,
 }
 
 /// Counters of one direction, written by the verdict program only.
@@ -46,26 +52,24 @@ pub struct DirCtl {
 pub struct DirStats {
     /// Bytes redirected to the peer's egress.
     pub redirected: u64,
-    /// Bytes passed to the source's own receive queue for user space.
-    pub passed: u64,
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last skb.
     pub last_ns: u64,
-    /// The last `refill_at` this direction asked a refill for.
+    /// The last `refill_at` this direction raised an event for.
     pub refill_asked: u64,
-    /// Non-zero while the direction passes to user space.
-    pub passing: u32,
-    /// Redirects the kernel refused (peer missing from the sockhash).
+    /// Redirects the kernel refused (peer missing from `TARGETS`).
     pub redirect_errors: u32,
+    /// Padding made explicit.
+    pub _pad: u32,
 }
 
 /// Why the verdict program woke user space.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EventKind {
-    /// Bytes were passed to user space: drain the source.
-    Passed = 1,
-    /// `redirected` crossed `refill_at`: compute a new limit.
+    /// `redirected` reached `refill_at`: look at the target's progress.
     Refill = 2,
+    /// A redirect failed (the peer left `TARGETS`): the bytes were passed.
+    RedirectFailed = 3,
 }
 
 /// One ring-buffer record.

@@ -1,24 +1,28 @@
 //! Sluice's kernel data path: one `sk_skb/stream_verdict` program.
 //!
-//! Both sockets of a relayed pair sit in the `SOCKS` sockhash, keyed by
-//! socket cookie. For every skb that arrives on a source socket the verdict
-//! either redirects it to the peer's egress, or passes it to the source's own
-//! receive queue, where user space reads it. It passes when the direction has
-//! used its credit (`redirected` would pass `limit`). That is the
-//! backpressure: passed bytes stay charged to the source's receive buffer, so
-//! TCP closes the source's window.
+//! Sockets whose incoming bytes the kernel relays sit in `SOCKS`, which
+//! carries this program; every socket of a relayed pair also sits in
+//! `TARGETS`, keyed by socket cookie. For every skb that arrives on a source
+//! socket the verdict redirects it to the peer's egress and counts it.
 //!
-//! Once passing, it resumes redirecting only when user space has written every
-//! passed byte to the peer (`drained == passed`), so bytes keep their order.
+//! Backpressure is user space's: when `redirected` reaches `refill_at` the
+//! verdict raises an event, and user space takes the source out of `SOCKS`
+//! if the peer's receiver is too far behind. The bytes then stay in the
+//! source's TCP receive queue and TCP closes its window. The verdict never
+//! passes bytes to user space on purpose (only when a redirect fails during
+//! teardown), because reading passed skbs back proved unreliable.
 //! Requires Linux 5.19+ (verdict-only sockmap on TCP with `tcp_read_skb`).
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    bindings::sk_action::{SK_DROP, SK_PASS},
+    bindings::{
+        sk_action::{SK_DROP, SK_PASS},
+        BPF_F_MMAPABLE,
+    },
     helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::{map, stream_verdict},
-    maps::{HashMap, RingBuf, SockHash},
+    maps::{Array, HashMap, RingBuf, SockHash},
     programs::SkBuffContext,
 };
 use aya_log_ebpf::{debug, warn};
@@ -27,11 +31,17 @@ use proxy_common::{DirCtl, DirStats, Event, EventKind, MAX_SOCKETS};
 #[map(name = "SOCKS")]
 static SOCKS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 
+#[map(name = "TARGETS")]
+static TARGETS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
+
+#[map(name = "SLOTS")]
+static SLOTS: HashMap<u64, u32> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+
 #[map(name = "CTL")]
-static CTL: HashMap<u64, DirCtl> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+static CTL: Array<DirCtl> = Array::with_max_entries(MAX_SOCKETS, BPF_F_MMAPABLE);
 
 #[map(name = "STATS")]
-static STATS: HashMap<u64, DirStats> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+static STATS: Array<DirStats> = Array::with_max_entries(MAX_SOCKETS, BPF_F_MMAPABLE);
 
 #[map(name = "EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
@@ -47,54 +57,45 @@ pub fn sluice_verdict(ctx: SkBuffContext) -> u32 {
         // target we may have shut down and leave EPIPE on it.
         return SK_DROP;
     }
-    // SAFETY: map values are plain integers; a concurrent user-space update
-    // can only make us read an older or newer value of a field.
-    let Some(ctl) = (unsafe { CTL.get(&cookie) }) else {
+    // SAFETY: a plain u32 value, copied out at once.
+    let Some(&slot) = (unsafe { SLOTS.get(&cookie) }) else {
         return SK_PASS;
     };
-    let Some(st) = STATS.get_ptr_mut(&cookie) else {
+    let Some(ctl) = CTL.get_ptr(slot) else {
         return SK_PASS;
     };
-    // SAFETY: the pointer comes from the map lookup and stays valid for this
-    // run; verdicts for one socket run serialised under its lock.
+    // SAFETY: array elements never move; user space stores each field
+    // atomically, so each read sees an old or a new value of that field.
+    let (peer, refill_at) = unsafe {
+        (
+            core::ptr::read_volatile(&(*ctl).peer_cookie),
+            core::ptr::read_volatile(&(*ctl).refill_at),
+        )
+    };
+    let Some(st) = STATS.get_ptr_mut(slot) else {
+        return SK_PASS;
+    };
+    // SAFETY: the element stays valid; verdicts for one socket run
+    // serialised under its lock, so this is the only writer.
     let st = unsafe { &mut *st };
     // SAFETY: no arguments.
     st.last_ns = unsafe { bpf_ktime_get_ns() };
 
-    let fits = st.redirected + len <= ctl.limit;
-    if st.passing != 0 {
-        if ctl.drained != st.passed || !fits {
-            return pass(&ctx, st, cookie, len);
-        }
-        st.passing = 0;
-        debug!(&ctx, "sluice: socket {} redirects again", cookie);
-    } else if !fits {
-        st.passing = 1;
-        debug!(&ctx, "sluice: socket {} passes to user space", cookie);
-        return pass(&ctx, st, cookie, len);
-    }
-
-    let mut peer = ctl.peer_cookie;
-    let verdict = SOCKS.redirect_skb(&ctx, &mut peer, 0);
-    if verdict != i64::from(SK_PASS) {
-        // The peer left the sockhash (it is closing): let user space decide.
+    let mut peer = peer;
+    if TARGETS.redirect_skb(&ctx, &mut peer, 0) != i64::from(SK_PASS) {
+        // The peer left TARGETS (the pair is closing). Passing keeps the
+        // bytes; user space reads them back at close.
         st.redirect_errors += 1;
-        st.passing = 1;
         warn!(&ctx, "sluice: socket {} has no peer {} to redirect to", cookie, peer);
-        return pass(&ctx, st, cookie, len);
+        notify(cookie, EventKind::RedirectFailed);
+        return SK_PASS;
     }
     st.redirected += len;
-    if st.redirected >= ctl.refill_at && st.refill_asked != ctl.refill_at {
-        st.refill_asked = ctl.refill_at;
+    if st.redirected >= refill_at && st.refill_asked != refill_at {
+        st.refill_asked = refill_at;
+        debug!(&ctx, "sluice: socket {} reached its refill mark", cookie);
         notify(cookie, EventKind::Refill);
     }
-    SK_PASS
-}
-
-#[inline(always)]
-fn pass(_ctx: &SkBuffContext, st: &mut DirStats, cookie: u64, len: u64) -> u32 {
-    st.passed += len;
-    notify(cookie, EventKind::Passed);
     SK_PASS
 }
 
@@ -105,7 +106,7 @@ fn notify(cookie: u64, kind: EventKind) {
         kind: kind as u32,
         _pad: 0,
     };
-    // A full ring only delays user space: it also polls passing directions.
+    // A full ring only delays user space: it also polls busy directions.
     let _ = EVENTS.output::<Event>(&ev, 0);
 }
 

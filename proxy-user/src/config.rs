@@ -5,6 +5,7 @@
 //!
 //! [limits]
 //! max_buffer_per_direction = 8388608   # bytes held in the proxy per direction
+//! sockmap_max_queued = 268435456       # sockmap: reset a direction this far behind
 //!
 //! [timeouts]
 //! handshake_ms = 10000         # client must send its request head within this
@@ -82,14 +83,19 @@ pub struct Config {
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Upper bound of bytes the proxy holds for one direction of one
-    /// connection: socket buffers, kernel redirect queue and user buffers.
+    /// connection in its socket buffers and user buffers (uring and
+    /// userspace paths apply backpressure to stay within it).
     pub max_buffer_per_direction: u64,
+    /// On the sockmap path, which cannot hold a sender back: how far a
+    /// direction's receiver may fall behind before the connection is reset.
+    pub sockmap_max_queued: u64,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_buffer_per_direction: 8 << 20,
+            sockmap_max_queued: 256 << 20,
         }
     }
 }
@@ -198,6 +204,12 @@ impl Config {
                 ));
             }
         }
+        if self.limits.sockmap_max_queued < (1 << 20) {
+            return Err(invalid(
+                "limits.sockmap_max_queued",
+                "must be at least 1048576 bytes",
+            ));
+        }
         if self.limits.max_buffer_per_direction < (256 << 10) {
             return Err(invalid(
                 "limits.max_buffer_per_direction",
@@ -247,7 +259,7 @@ fn line_of(text: &str, field: &str) -> usize {
             let l = l.trim_start();
             l.strip_prefix(key)
                 .is_some_and(|r| r.trim_start().starts_with('='))
-                || l.trim_start_matches('[').starts_with(key)
+                || l.trim_start_matches('[').trim_end_matches(']') == key
         })
         .nth(nth)
         .map_or(0, |(i, _)| i + 1)

@@ -31,7 +31,7 @@ pub enum ServerError {
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
     let cfg = Arc::new(cfg);
     let paths = Arc::new(
-        DataPaths::start(cfg.datapath, cfg.limits.max_buffer_per_direction)
+        DataPaths::start(cfg.datapath, cfg.limits.sockmap_max_queued)
             .map_err(ServerError::DataPath)?,
     );
     let mut listeners = Vec::new();

@@ -32,7 +32,7 @@ pub enum Mode {
     /// `--datapath userspace`.
     Userspace,
     /// `--datapath auto` as user nobody with every capability dropped:
-    /// auto must pick a non-eBPF path and say why.
+    /// auto must pick a non-eBPF path and say why in its ready line.
     Unprivileged,
 }
 
@@ -119,6 +119,15 @@ impl Sluice {
 
     /// Starts sluice from a TOML config; `make` gets the listen address.
     pub fn start_config(mode: Mode, make: impl FnOnce(SocketAddr) -> String) -> Sluice {
+        Sluice::start_config_logging(mode, "info", make)
+    }
+
+    /// As [`Sluice::start_config`], with a log filter (as `RUST_LOG`).
+    pub fn start_config_logging(
+        mode: Mode,
+        filter: &str,
+        make: impl FnOnce(SocketAddr) -> String,
+    ) -> Sluice {
         let addr = free_addr();
         let path = std::env::temp_dir().join(format!(
             "sluice-test-{}-{}.toml",
@@ -129,7 +138,12 @@ impl Sluice {
         // Readable by the unprivileged user too.
         let _ =
             std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644));
-        let args = vec!["--config".to_string(), path.display().to_string()];
+        let args = vec![
+            "--config".to_string(),
+            path.display().to_string(),
+            "--log".into(),
+            filter.into(),
+        ];
         Sluice::spawn(mode, addr, args, Some(path))
     }
 
@@ -202,8 +216,8 @@ impl Sluice {
                     s.ready_line
                 );
                 assert!(
-                    s.ready_line.contains("sockmap unavailable"),
-                    "the ready line must say why sockmap was not chosen: {}",
+                    s.ready_line.contains("(auto: "),
+                    "the ready line must say why auto chose its path: {}",
                     s.ready_line
                 );
             }
@@ -256,6 +270,9 @@ impl Sluice {
 
 impl Drop for Sluice {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- sluice log ({:?}) ---\n{}", self.mode, self.logs());
+        }
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let end = Instant::now() + Duration::from_secs(5);
@@ -279,6 +296,10 @@ pub async fn echo_origin() -> (SocketAddr, tokio::task::JoinHandle<()>) {
         loop {
             let Ok((s, _)) = l.accept().await else { return };
             tokio::spawn(async move {
+                #[expect(
+                    clippy::result_large_err,
+                    reason = "tungstenite's callback signature fixes the error type"
+                )]
                 let cb = |req: &Request, mut resp: Response| {
                     if let Some(p) = req
                         .headers()

@@ -112,11 +112,11 @@ async fn reset_reaches_the_other_side_on_every_path() {
             let mut b = [0u8; 10];
             o.read_exact(&mut b).await.unwrap();
             let (victim, who) = if resetter == "client" {
-                c.set_linger(Some(Duration::ZERO)).unwrap();
+                c.set_zero_linger().unwrap();
                 drop(c);
                 (&mut o, "origin")
             } else {
-                o.set_linger(Some(Duration::ZERO)).unwrap();
+                o.set_zero_linger().unwrap();
                 drop(o);
                 (&mut c, "client")
             };

@@ -114,7 +114,7 @@ async fn push(
     stop.store(true, Ordering::Relaxed);
     let received = reader.await.unwrap();
     let c = writer.await.unwrap();
-    c.set_linger(Some(Duration::ZERO)).unwrap();
+    c.set_zero_linger().unwrap();
     drop(c);
     Peak {
         host: peak.0,
@@ -154,12 +154,18 @@ async fn a_flooding_client_is_held_to_the_bound_on_every_path() {
             mib(p.rss),
             p.received as f64 / 1e6
         );
-        // The origin really read at about 1 MB/s: the flood was throttled, not stalled.
-        assert!(
-            p.received > 5_000_000,
-            "{mode:?}: origin read only {} bytes",
-            p.received
-        );
+        if mode == Mode::Sockmap {
+            // No backpressure on this path: the valve resets the flood.
+            let line = s.wait_log("resetting", Duration::from_secs(5));
+            assert!(line.contains("origin receiver is"), "{line}");
+        } else {
+            // The origin really read at about 1 MB/s: throttled, not stalled.
+            assert!(
+                p.received > 5_000_000,
+                "{mode:?}: origin read only {} bytes",
+                p.received
+            );
+        }
         // Host-wide memory swings by up to ~16 MiB on this shared VM even for
         // the direct run, so it gets that allowance; it still catches a relay
         // that piles up memory (a naive sockmap took 2.2 GiB in 5 s). TCP

@@ -28,6 +28,10 @@ async fn main() -> Result<()> {
             r = listener.accept() => {
                 let (stream, _) = r?;
                 tokio::spawn(async move {
+                    #[expect(
+                        clippy::result_large_err,
+                        reason = "tungstenite's callback signature fixes the error type"
+                    )]
                     let pick = |req: &Request, mut resp: Response| {
                         if let Some(p) = req
                             .headers()

@@ -3,12 +3,15 @@
 //! | path | needs | how |
 //! |---|---|---|
 //! | `sockmap` | Linux 5.19+, CAP_BPF + CAP_NET_ADMIN (or root) | eBPF sk_skb verdict redirects socket to socket |
-//! | `uring` | Linux 5.11+, io_uring not disabled | one io_uring thread, recv/send per direction |
+//! | `uring` | Linux 5.11+, io_uring not disabled | one io_uring thread, read/write per direction |
 //! | `userspace` | anything | tokio, one buffer per direction |
 //!
-//! `auto` probes at start-up and takes the first available in that order.
-//! A connection that cannot join the chosen path falls back to the next.
+//! `auto` probes at start-up and takes `uring`, else `userspace`. It does not
+//! take `sockmap`, which cannot apply backpressure (see its module docs);
+//! choose it explicitly. A connection that cannot join the chosen path falls
+//! back to the next (sockmap, then uring, then userspace).
 
+mod shared_map;
 pub mod sockmap;
 pub mod uring;
 pub mod userspace;
@@ -120,6 +123,26 @@ pub struct Pair {
     pub origin_ahead: Bytes,
 }
 
+/// A connection that could not join a data path, handed back untouched
+/// (its read-ahead bytes still pending) so the next path can take it.
+#[derive(Debug)]
+pub struct Fallback {
+    /// The connection.
+    pub pair: Pair,
+    /// Why it could not join.
+    pub why: String,
+}
+
+impl Fallback {
+    /// Boxes a fallback (it travels in an `Err`, which should stay small).
+    pub fn new(pair: Pair, why: impl Into<String>) -> Box<Fallback> {
+        Box::new(Fallback {
+            pair,
+            why: why.into(),
+        })
+    }
+}
+
 /// The data paths available in this process, and the one in use.
 pub struct DataPaths {
     /// The chosen path.
@@ -134,60 +157,45 @@ impl DataPaths {
     /// Probes and starts the configured path. An explicit choice that is not
     /// available is an error; `auto` falls back and says why.
     /// Must run inside the tokio runtime (the sockmap path starts tasks).
-    pub fn start(choice: DataPathChoice, bound: u64) -> Result<DataPaths, String> {
-        let want_sockmap = matches!(choice, DataPathChoice::Auto | DataPathChoice::Sockmap);
-        let want_uring = matches!(
-            choice,
-            DataPathChoice::Auto | DataPathChoice::Sockmap | DataPathChoice::Uring
-        );
-        let mut reasons = Vec::new();
-        let sockmap = if want_sockmap {
-            match sockmap::Sockmap::load(bound) {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    if choice == DataPathChoice::Sockmap {
-                        return Err(format!("datapath sockmap is not available: {e}"));
-                    }
-                    reasons.push(format!("sockmap unavailable ({e})"));
-                    None
-                }
-            }
+    pub fn start(choice: DataPathChoice, sockmap_valve: u64) -> Result<DataPaths, String> {
+        let sockmap = if choice == DataPathChoice::Sockmap {
+            Some(
+                sockmap::Sockmap::load(sockmap_valve)
+                    .map_err(|e| format!("datapath sockmap is not available: {e}"))?,
+            )
         } else {
             None
         };
-        let uring = if want_uring {
-            match uring::UringRelay::start() {
-                Ok(u) => Some(u),
-                Err(e) => {
-                    if choice == DataPathChoice::Uring {
-                        return Err(format!("datapath uring is not available: {e}"));
-                    }
-                    reasons.push(format!("io_uring unavailable ({e})"));
-                    None
-                }
-            }
+        let uring = if choice == DataPathChoice::Userspace {
+            Err("not wanted".to_string())
         } else {
-            None
+            uring::UringRelay::start()
         };
-        let primary = if sockmap.is_some() {
-            DataPath::Sockmap
-        } else if uring.is_some() {
-            DataPath::Uring
-        } else {
-            DataPath::Userspace
-        };
-        let why = match choice {
-            DataPathChoice::Auto if reasons.is_empty() => {
-                "auto: eBPF sockmap loaded and attached".to_string()
+        if choice == DataPathChoice::Uring {
+            if let Err(e) = &uring {
+                return Err(format!("datapath uring is not available: {e}"));
             }
-            DataPathChoice::Auto => format!("auto: {}", reasons.join("; ")),
-            _ => format!("configured {primary}"),
+        }
+        let (primary, why) = match (choice, &uring) {
+            (DataPathChoice::Sockmap, _) => (DataPath::Sockmap, "configured sockmap".to_string()),
+            (DataPathChoice::Auto, Ok(_)) => (
+                DataPath::Uring,
+                "auto: io_uring available; sockmap is opt-in (no backpressure)".to_string(),
+            ),
+            (DataPathChoice::Auto, Err(e)) => (
+                DataPath::Userspace,
+                format!("auto: io_uring unavailable ({e}); sockmap is opt-in (no backpressure)"),
+            ),
+            (DataPathChoice::Uring, _) => (DataPath::Uring, "configured uring".to_string()),
+            (DataPathChoice::Userspace, _) => {
+                (DataPath::Userspace, "configured userspace".to_string())
+            }
         };
         Ok(DataPaths {
             primary,
             why,
             sockmap,
-            uring,
+            uring: uring.ok(),
         })
     }
 
@@ -200,9 +208,9 @@ impl DataPaths {
             if let Some(sm) = &self.sockmap {
                 match sm.relay(pair, acct.clone()).await {
                     Ok(reason) => return (DataPath::Sockmap, reason),
-                    Err((p, why)) => {
-                        tracing::warn!("connection falls back from sockmap: {why}");
-                        pair = p;
+                    Err(f) => {
+                        tracing::warn!("connection falls back from sockmap: {}", f.why);
+                        pair = f.pair;
                     }
                 }
             }
@@ -211,9 +219,9 @@ impl DataPaths {
             if let Some(u) = &self.uring {
                 match u.relay(pair, acct.clone()).await {
                     Ok(reason) => return (DataPath::Uring, reason),
-                    Err((p, why)) => {
-                        tracing::warn!("connection falls back from uring: {why}");
-                        pair = p;
+                    Err(f) => {
+                        tracing::warn!("connection falls back from uring: {}", f.why);
+                        pair = f.pair;
                     }
                 }
             }

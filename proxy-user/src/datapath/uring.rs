@@ -12,7 +12,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tokio_uring::net::TcpStream;
 
-use super::{userspace, CloseReason, Pair, Side};
+use super::{userspace, CloseReason, Fallback, Pair, Side};
 use crate::accounting::Accounting;
 use crate::sockopt;
 
@@ -72,7 +72,7 @@ impl UringRelay {
         &self,
         pair: Pair,
         acct: Arc<Accounting>,
-    ) -> Result<CloseReason, (Pair, String)> {
+    ) -> Result<CloseReason, Box<Fallback>> {
         let Pair {
             client,
             client_ahead,
@@ -102,7 +102,7 @@ impl UringRelay {
                 })
             })();
             return match back {
-                Ok(p) => Err((p, "the io_uring thread has stopped".into())),
+                Ok(p) => Err(Fallback::new(p, "the io_uring thread has stopped")),
                 Err(e) => Ok(CloseReason::Internal(e.to_string())),
             };
         }
