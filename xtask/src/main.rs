@@ -70,31 +70,12 @@ fn main() -> Result<()> {
             test(&root, &extra)
         }
         Cmd::Bench { extra } => {
-            setup::all(&root)?;
-            setup::bench_packages()?;
-            cargo(
-                &root,
-                &[
-                    "build",
-                    "--release",
-                    "-p",
-                    "proxy-user",
-                    "-p",
-                    "bench",
-                    "--bins",
-                ],
-            )?;
-            let mut args = vec![
-                "run",
-                "--release",
-                "-p",
-                "bench",
-                "--bin",
-                "sluice-bench",
-                "--",
-            ];
-            args.extend(extra.iter().map(String::as_str));
-            cargo(&root, &args)
+            let _ = extra;
+            bail!(
+                "the benchmark harness (issue #3: direct, sockmap, uring, userspace, nginx and \
+                 HAProxy side by side) is not built yet; `cargo xtask test` prints each data \
+                 path's bulk throughput beside a direct connection meanwhile"
+            )
         }
     }
 }

@@ -11,8 +11,6 @@ use crate::check;
 const PY_PACKAGES: &[(&str, &str)] = &[("websockets", "websockets>=12")];
 /// Debian packages the tests use (`setpriv` for the unprivileged run).
 const APT_TEST: &[(&str, &str)] = &[("setpriv", "util-linux")];
-/// Debian packages the benchmark compares against.
-const APT_BENCH: &[(&str, &str)] = &[("nginx", "nginx"), ("haproxy", "haproxy")];
 
 /// Everything `build`, `run` and `test` need.
 pub fn all(root: &Path) -> Result<()> {
@@ -21,11 +19,6 @@ pub fn all(root: &Path) -> Result<()> {
     apt(APT_TEST)?;
     python()?;
     Ok(())
-}
-
-/// Packages only the benchmark needs.
-pub fn bench_packages() -> Result<()> {
-    apt(APT_BENCH)
 }
 
 fn output(cmd: &mut Command) -> Result<String> {

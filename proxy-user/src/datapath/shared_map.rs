@@ -141,8 +141,10 @@ impl SharedArray<DirStats> {
 }
 
 /// How long a freed slot rests before reuse, so that a verdict still running
-/// for a socket that just left cannot touch the next user's counters.
-const QUARANTINE: Duration = Duration::from_secs(1);
+/// for a socket that just left cannot touch the next user's counters. A
+/// verdict runs for microseconds; a longer rest only parks more slots (and
+/// touches more pages of the arrays) at high connection rates.
+const QUARANTINE: Duration = Duration::from_millis(100);
 
 /// Hands out slot numbers; reuses the most recently rested ones first, so
 /// the pages touched stay few.
