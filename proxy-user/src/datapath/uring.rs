@@ -196,10 +196,9 @@ async fn pump(
     }
 }
 
-/// Buffers kept for reuse on the relay thread: enough for the usual number
-/// of busy connections, so RSS does not churn with the connection rate.
-const POOL_MAX: usize = 256;
-
+// Relay buffers are never freed: the pool grows to the peak number of busy
+// directions and stays there. Freeing them into the shared heap and
+// allocating again fragmented it and let RSS creep with the connection count.
 thread_local! {
     static POOL: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -220,9 +219,8 @@ impl Drop for PooledBuf {
     fn drop(&mut self) {
         if let Some(b) = self.0.take() {
             POOL.with(|p| {
-                let mut p = p.borrow_mut();
-                if p.len() < POOL_MAX && b.capacity() == BUF {
-                    p.push(b);
+                if b.capacity() == BUF {
+                    p.borrow_mut().push(b);
                 }
             });
         }
