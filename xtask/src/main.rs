@@ -125,7 +125,15 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
     let sluice = root.join("target/release/sluice");
     // End-to-end tests share loopback ports and measure host memory, so they
     // run one at a time.
-    let mut args = vec!["test", "--release", "--workspace", "--", "--test-threads=1"];
+    // --nocapture: the tests print what they measured (throughput, memory).
+    let mut args = vec![
+        "test",
+        "--release",
+        "--workspace",
+        "--",
+        "--test-threads=1",
+        "--nocapture",
+    ];
     args.extend(extra.iter().map(String::as_str));
     let status = Command::new(env!("CARGO"))
         .args(&args)
