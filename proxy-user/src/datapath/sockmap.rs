@@ -227,8 +227,8 @@ impl Sockmap {
     }
 
     /// Watches a socket for FIN, errors and send space; with `readable`
-    /// also for data (only while its direction is paused: an active source
-    /// would wake us for every segment).
+    /// also for data (only for a source user space reads; a source in
+    /// `SOCKS` would wake us for every segment).
     fn epoll_ctl(
         &self,
         op: i32,
@@ -370,7 +370,7 @@ impl Sockmap {
         }
         for d in dirs.iter_mut() {
             // A source that cannot join SOCKS (say, its peer already sent FIN
-            // and it left ESTABLISHED) starts paused: user space relays it.
+            // and it left ESTABLISHED) is relayed by user space instead.
             let joined = lock(&self.maps)
                 .socks
                 .insert(d.cookie, fds[d.src].as_raw_fd(), 0);
@@ -381,7 +381,6 @@ impl Sockmap {
                 }
                 Err(e) => {
                     tracing::debug!("{} socket relays in user space: {e}", side_name(d.src));
-                    d.user_reads = true;
                     let _ = self.epoll_ctl(libc::EPOLL_CTL_MOD, fds[d.src].as_fd(), d.cookie, true);
                 }
             }
@@ -444,7 +443,7 @@ impl Sockmap {
                 };
                 let wake = sb & EV_IN != 0 || bits[d.dst] & EV_OUT != 0;
                 let step = step.and_then(|()| {
-                    if d.user_reads || d.fin_seen || wake || !d.pending.is_empty() {
+                    if !d.active || d.fin_seen || wake || !d.pending.is_empty() {
                         d.pump(self, fds)
                     } else {
                         Ok(())
@@ -544,8 +543,6 @@ struct Dir {
     redirected: u64,
     /// The source is in `SOCKS`: the kernel relays this direction.
     active: bool,
-    /// The source is not in `SOCKS` (it could not join): user space reads it.
-    user_reads: bool,
     buf: Vec<u8>,
     pending: std::ops::Range<usize>,
     /// Waiting on the kernel (redirect queue draining, target full) with no
@@ -569,7 +566,6 @@ impl Dir {
             user_written: 0,
             redirected: 0,
             active: false,
-            user_reads: false,
             buf: Vec::new(),
             pending: 0..0,
             waiting: false,
@@ -634,8 +630,9 @@ impl Dir {
         counter.fetch_max(total, Ordering::Relaxed);
     }
 
-    /// Relays what user space must: all of a paused direction, and the end
-    /// of an active one (EOF, then FIN once nothing is left in flight).
+    /// Relays what user space must: all of a direction whose source could
+    /// not join `SOCKS`, and the end of every direction (EOF, then FIN once
+    /// nothing is left in flight).
     /// Never blocks. `Err` names the side whose socket failed.
     fn pump(&mut self, sm: &Sockmap, fds: &[std::net::TcpStream; 2]) -> Result<(), Side> {
         let (src, dst) = (fds[self.src].as_fd(), fds[self.dst].as_fd());
