@@ -11,10 +11,10 @@ use tokio_tungstenite::tungstenite::Message;
 const SESSIONS: usize = 10_000;
 const CONCURRENCY: usize = 32;
 
-async fn sessions(url: &str, n: usize) {
+async fn sessions(url: &str, n: usize, concurrency: usize) {
     let mut tasks = tokio::task::JoinSet::new();
-    let per = n / CONCURRENCY;
-    for _ in 0..CONCURRENCY {
+    let per = n / concurrency;
+    for _ in 0..concurrency {
         let url = url.to_string();
         tasks.spawn(async move {
             for _ in 0..per {
@@ -37,8 +37,10 @@ async fn ten_thousand_sessions_leave_no_fds_or_memory_on_every_path() {
     for mode in modes() {
         let s = Sluice::start(mode, origin);
         let pid = s.pid();
-        // Warm-up to the allocator's high-water mark.
-        sessions(&s.url(), 20_000).await;
+        // Warm-up to the high-water marks (allocator, the uring buffer pool,
+        // which keeps as many buffers as were ever busy at once): at twice
+        // the measured concurrency, so the batches below stay within them.
+        sessions(&s.url(), 20_000, 2 * CONCURRENCY).await;
         let settle = || tokio::time::sleep(Duration::from_millis(1500));
         settle().await;
         // Allocator high-water marks still move by 1-2% from one batch to
@@ -50,9 +52,12 @@ async fn ten_thousand_sessions_leave_no_fds_or_memory_on_every_path() {
         for _ in 0..3 {
             let (fd0, rss0) = (fd_count(pid), rss(pid));
             assert!(fd0 > 0 && rss0 > 0, "{mode:?}: cannot read /proc/{pid}");
-            tokio::time::timeout(Duration::from_secs(300), sessions(&s.url(), SESSIONS))
-                .await
-                .unwrap_or_else(|_| panic!("{mode:?}: sessions timed out\n{}", s.logs()));
+            tokio::time::timeout(
+                Duration::from_secs(300),
+                sessions(&s.url(), SESSIONS, CONCURRENCY),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("{mode:?}: sessions timed out\n{}", s.logs()));
             settle().await;
             let (fd1, rss1) = (fd_count(pid), rss(pid));
             history.push(format!("fds {fd0} -> {fd1}, rss {rss0} -> {rss1}"));
