@@ -41,9 +41,12 @@ pub struct DirCtl {
     /// Cookie of the socket this direction writes to (the `TARGETS` key).
     pub peer_cookie: u64,
     /// When `redirected` reaches this mark the kernel asks user space to
-    /// look at the target's progress (and pause the direction if its
-    /// receiver is behind by more than the credit).
+    /// look at the target's progress and move `limit` on.
     pub refill_at: u64,
+    /// Hard cap on `redirected`: the valve, enforced in the kernel. An skb
+    /// that would pass it is dropped and user space resets the pair, so a
+    /// stuck receiver costs at most the valve, however late user space runs.
+    pub limit: u64,
 }
 
 /// Counters of one direction, written by the verdict program only.
@@ -58,8 +61,8 @@ pub struct DirStats {
     pub refill_asked: u64,
     /// Redirects the kernel refused (peer missing from `TARGETS`).
     pub redirect_errors: u32,
-    /// Padding made explicit.
-    pub _pad: u32,
+    /// Non-zero once the direction passed its `limit`.
+    pub overrun: u32,
 }
 
 /// Why the verdict program woke user space.
@@ -70,6 +73,8 @@ pub enum EventKind {
     Refill = 2,
     /// A redirect failed (the peer left `TARGETS`): the bytes were passed.
     RedirectFailed = 3,
+    /// `redirected` would pass `limit`: the skb was dropped; reset the pair.
+    Overrun = 4,
 }
 
 /// One ring-buffer record.

@@ -5,12 +5,11 @@
 //! `TARGETS`, keyed by socket cookie. For every skb that arrives on a source
 //! socket the verdict redirects it to the peer's egress and counts it.
 //!
-//! Backpressure is user space's: when `redirected` reaches `refill_at` the
-//! verdict raises an event, and user space takes the source out of `SOCKS`
-//! if the peer's receiver is too far behind. The bytes then stay in the
-//! source's TCP receive queue and TCP closes its window. The verdict never
-//! passes bytes to user space on purpose (only when a redirect fails during
-//! teardown), because reading passed skbs back proved unreliable.
+//! There is no backpressure on this path (see the user-space module docs):
+//! the verdict redirects every skb, up to `limit`, which user space moves on
+//! at each `refill_at` mark as the peer's receiver acknowledges bytes. An
+//! skb past `limit` is dropped and user space resets the pair: a stuck
+//! receiver costs at most the limit, however late user space reacts.
 //! Requires Linux 5.19+ (verdict-only sockmap on TCP with `tcp_read_skb`).
 #![no_std]
 #![no_main]
@@ -66,10 +65,11 @@ pub fn sluice_verdict(ctx: SkBuffContext) -> u32 {
     };
     // SAFETY: array elements never move; user space stores each field
     // atomically, so each read sees an old or a new value of that field.
-    let (peer, refill_at) = unsafe {
+    let (peer, refill_at, limit) = unsafe {
         (
             core::ptr::read_volatile(&(*ctl).peer_cookie),
             core::ptr::read_volatile(&(*ctl).refill_at),
+            core::ptr::read_volatile(&(*ctl).limit),
         )
     };
     let Some(st) = STATS.get_ptr_mut(slot) else {
@@ -81,6 +81,16 @@ pub fn sluice_verdict(ctx: SkBuffContext) -> u32 {
     // SAFETY: no arguments.
     st.last_ns = unsafe { bpf_ktime_get_ns() };
 
+    if st.redirected + len > limit {
+        // The connection is being reset for it: nothing of this stream is
+        // delivered cleanly any more, so dropping loses nothing that counts.
+        if st.overrun == 0 {
+            st.overrun = 1;
+            warn!(&ctx, "sluice: socket {} passed its limit {}", cookie, limit);
+            notify(cookie, EventKind::Overrun);
+        }
+        return SK_DROP;
+    }
     let mut peer = peer;
     if TARGETS.redirect_skb(&ctx, &mut peer, 0) != i64::from(SK_PASS) {
         // The peer left TARGETS (the pair is closing). Passing keeps the

@@ -19,11 +19,6 @@ const BOUND: u64 = 8 << 20;
 /// Host-wide "used" memory swings by up to ~16 MiB on this shared VM even
 /// for the direct run; a relay that piles up memory moves it by GiBs.
 const HOST_NOISE: u64 = 16 << 20;
-/// Known gap of the sockmap path: its valve is checked every eighth of it
-/// while the kernel keeps queueing at GB/s, so the host held 28-31 MiB in
-/// measured runs with an 8 MiB valve. Allowed, and reported, until the path
-/// gets real backpressure.
-const SOCKMAP_OVERSHOOT: u64 = 32 << 20;
 
 /// Memory held during the push over the baseline before it (host memory
 /// in use, TCP memory, proxy RSS), and bytes the origin received.
@@ -147,7 +142,16 @@ async fn a_flooding_client_is_held_to_the_bound_on_every_path() {
         direct.received as f64 / 1e6
     );
     for mode in modes() {
-        let s = Sluice::start(mode, oa);
+        let s = if mode == Mode::Sockmap {
+            Sluice::start_config(mode, |a| {
+                format!(
+                    "[limits]\nsockmap_max_queued = {BOUND}\n\
+                     [[listeners]]\nlisten = \"{a}\"\norigin = \"{oa}\"\n"
+                )
+            })
+        } else {
+            Sluice::start(mode, oa)
+        };
         let p = push(s.addr, &l, Some(s.pid()), true).await;
         let extra_host = p.host.saturating_sub(direct.host);
         let extra_tcp = p.tcp.saturating_sub(direct.tcp);
@@ -162,9 +166,22 @@ async fn a_flooding_client_is_held_to_the_bound_on_every_path() {
             p.received as f64 / 1e6
         );
         if mode == Mode::Sockmap {
-            // No backpressure on this path: the valve resets the flood.
+            // No backpressure on this path: the kernel enforces the valve
+            // (drops past it) and the pair is reset. What the proxy took in
+            // is exact: at most the valve plus one skb.
             let line = s.wait_log("resetting", Duration::from_secs(5));
             assert!(line.contains("origin receiver is"), "{line}");
+            let closed = s.wait_log("closed:", Duration::from_secs(5));
+            let taken: u64 = closed
+                .split("bytes_in=")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no bytes_in in {closed}"));
+            assert!(
+                taken <= BOUND + (64 << 10),
+                "sockmap took {taken} bytes past its valve"
+            );
         } else {
             // The origin really read at about 1 MB/s: throttled, not stalled.
             assert!(
@@ -175,11 +192,7 @@ async fn a_flooding_client_is_held_to_the_bound_on_every_path() {
         }
         // The host-wide figure only catches pile-ups (see HOST_NOISE); TCP
         // memory is attributable and is held to the bound itself.
-        let allowed = if mode == Mode::Sockmap {
-            SOCKMAP_OVERSHOOT + HOST_NOISE
-        } else {
-            BOUND + HOST_NOISE
-        };
+        let allowed = BOUND + HOST_NOISE;
         assert!(
             extra_host <= allowed,
             "{mode:?}: host memory grew {:.1} MiB more than a direct connection (allowed {:.0} MiB)\n{}",

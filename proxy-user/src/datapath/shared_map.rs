@@ -96,13 +96,15 @@ fn u32_at<'a>(p: *mut u32) -> &'a AtomicU32 {
 
 impl SharedArray<DirCtl> {
     /// Publishes a direction's control, field by field. The verdict reads
-    /// each field once; a refill mark that is old or new is equally fine.
+    /// each field once; an old or new mark or limit is equally fine (limits
+    /// only grow).
     pub fn store(&self, slot: u32, c: &DirCtl) {
         let e = self.elem(slot);
-        // SAFETY: both are fields of an element inside the mapping.
+        // SAFETY: all are fields of an element inside the mapping.
         unsafe {
             u64_at(&raw mut (*e).peer_cookie).store(c.peer_cookie, Ordering::Release);
             u64_at(&raw mut (*e).refill_at).store(c.refill_at, Ordering::Release);
+            u64_at(&raw mut (*e).limit).store(c.limit, Ordering::Release);
         }
     }
 }
@@ -118,7 +120,7 @@ impl SharedArray<DirStats> {
                 last_ns: u64_at(&raw mut (*e).last_ns).load(Ordering::Acquire),
                 refill_asked: u64_at(&raw mut (*e).refill_asked).load(Ordering::Acquire),
                 redirect_errors: u32_at(&raw mut (*e).redirect_errors).load(Ordering::Acquire),
-                _pad: 0,
+                overrun: u32_at(&raw mut (*e).overrun).load(Ordering::Acquire),
             }
         }
     }
@@ -136,6 +138,7 @@ impl SharedArray<DirStats> {
                 u64_at(f).store(0, Ordering::Release);
             }
             u32_at(&raw mut (*e).redirect_errors).store(0, Ordering::Release);
+            u32_at(&raw mut (*e).overrun).store(0, Ordering::Release);
         }
     }
 }

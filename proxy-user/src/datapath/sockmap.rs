@@ -87,6 +87,7 @@ const EV_RDHUP: u32 = 4;
 const EV_HUP: u32 = 8;
 const EV_ERR: u32 = 16;
 const EV_OUT: u32 = 32;
+const EV_OVERRUN: u32 = 64;
 
 /// How long a connection waits before looking again while it is waiting on
 /// the kernel (redirect queue draining, target full).
@@ -349,6 +350,7 @@ impl Sockmap {
                     &DirCtl {
                         peer_cookie: d.peer,
                         refill_at: d.valve / 8,
+                        limit: d.valve,
                     },
                 );
                 self.stats.reset(d.slot);
@@ -435,6 +437,9 @@ impl Sockmap {
                 let sb = bits[d.src];
                 if sb & EV_RDHUP != 0 {
                     d.fin_seen = true;
+                }
+                if sb & EV_OVERRUN != 0 {
+                    return CloseReason::Reset(d.overrun());
                 }
                 let step = if d.active && sb & EV_REFILL != 0 {
                     d.check_valve(self, fds)
@@ -541,6 +546,8 @@ struct Dir {
     user_written: u64,
     /// The verdict's count, as last read.
     redirected: u64,
+    /// The hard cap on `redirected` last given to the kernel.
+    limit: u64,
     /// The source is in `SOCKS`: the kernel relays this direction.
     active: bool,
     buf: Vec<u8>,
@@ -565,6 +572,7 @@ impl Dir {
             valve,
             user_written: 0,
             redirected: 0,
+            limit: valve,
             active: false,
             buf: Vec::new(),
             pending: 0..0,
@@ -585,39 +593,41 @@ impl Dir {
         self.base_dst + self.redirected + self.user_written
     }
 
-    /// Bytes between the source and `dst`'s receiver: the redirect queue
-    /// plus `dst`'s send queue.
-    fn in_flight(&self, fds: &[std::net::TcpStream; 2]) -> io::Result<u64> {
-        let acked = sockopt::tcp_info(fds[self.dst].as_fd())?.bytes_acked;
-        Ok(self.sent().saturating_sub(acked))
-    }
-
     /// At a mark: if `dst`'s receiver is behind by more than the valve,
     /// give up on the connection (the kernel path cannot hold the sender
-    /// back); else set the next mark.
+    /// back); else move the kernel's hard limit on to a valve past what the
+    /// receiver acknowledged, and set the next mark.
     fn check_valve(&mut self, sm: &Sockmap, fds: &[std::net::TcpStream; 2]) -> Result<(), Side> {
         self.redirected = sm.stats.load(self.slot).redirected;
-        let in_flight = self.in_flight(fds).map_err(|_| side_of(self.dst))?;
+        let acked = sockopt::tcp_info(fds[self.dst].as_fd())
+            .map_err(|_| side_of(self.dst))?
+            .bytes_acked;
+        let in_flight = self.sent().saturating_sub(acked);
         if in_flight > self.valve {
-            tracing::warn!(
-                "{} receiver is {in_flight} bytes behind (sockmap_max_queued {}): resetting",
-                side_name(self.dst),
-                self.valve
-            );
-            return Err(side_of(self.dst));
+            return Err(self.overrun());
         }
-        self.set_mark(sm);
-        Ok(())
-    }
-
-    fn set_mark(&self, sm: &Sockmap) {
+        self.limit = self
+            .limit
+            .max((acked + self.valve).saturating_sub(self.base_dst + self.user_written));
         sm.ctl.store(
             self.slot,
             &DirCtl {
                 peer_cookie: self.peer,
                 refill_at: self.redirected + self.valve / 8,
+                limit: self.limit,
             },
         );
+        Ok(())
+    }
+
+    /// Logs why the pair is reset and names the side to blame.
+    fn overrun(&self) -> Side {
+        tracing::warn!(
+            "{} receiver is more than {} bytes behind (sockmap_max_queued): resetting",
+            side_name(self.dst),
+            self.valve
+        );
+        side_of(self.dst)
     }
 
     fn account(&self, acct: &Accounting, ahead: u64) {
@@ -802,11 +812,11 @@ async fn ring_monitor(sm: Arc<Sockmap>, mut ring: AsyncFd<RingBuf<MapData>>) {
             // SAFETY: the kernel wrote a whole Event; read_unaligned copes
             // with the ring's 8-byte alignment either way.
             let ev: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-            let bits = if ev.kind == EventKind::Refill as u32 {
-                EV_REFILL
-            } else {
+            let bits = match ev.kind {
+                k if k == EventKind::Refill as u32 => EV_REFILL,
+                k if k == EventKind::Overrun as u32 => EV_OVERRUN,
                 // A failed redirect passed bytes to the source's queue.
-                EV_IN
+                _ => EV_IN,
             };
             sm.dispatch(ev.cookie, bits);
         }
