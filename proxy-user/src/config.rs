@@ -6,6 +6,7 @@
 //! [limits]
 //! max_buffer_per_direction = 8388608   # bytes held in the proxy per direction
 //! sockmap_max_queued = 268435456       # sockmap: reset a direction this far behind
+//! sockmap_max_connections = 32768      # sockmap: more connections fall back to uring
 //!
 //! [timeouts]
 //! handshake_ms = 10000         # client must send its request head within this
@@ -89,6 +90,9 @@ pub struct Limits {
     /// On the sockmap path, which cannot hold a sender back: how far a
     /// direction's receiver may fall behind before the connection is reset.
     pub sockmap_max_queued: u64,
+    /// How many connections the sockmap path carries at once; the next ones
+    /// fall back to the next path (uring, then userspace), with a log line.
+    pub sockmap_max_connections: u32,
 }
 
 impl Default for Limits {
@@ -96,6 +100,7 @@ impl Default for Limits {
         Limits {
             max_buffer_per_direction: 8 << 20,
             sockmap_max_queued: 256 << 20,
+            sockmap_max_connections: proxy_common::MAX_SOCKETS / 2,
         }
     }
 }
@@ -208,6 +213,13 @@ impl Config {
             return Err(invalid(
                 "limits.sockmap_max_queued",
                 "must be at least 1048576 bytes",
+            ));
+        }
+        let most = proxy_common::MAX_SOCKETS / 2;
+        if !(1..=most).contains(&self.limits.sockmap_max_connections) {
+            return Err(invalid(
+                "limits.sockmap_max_connections",
+                &format!("must be between 1 and {most} (two sockets each)"),
             ));
         }
         if self.limits.max_buffer_per_direction < (256 << 10) {
@@ -325,6 +337,18 @@ origin = "127.0.0.1:2"
         .to_string();
         assert!(
             err.starts_with("b.toml:2: field `limits.max_buffer_per_direction`"),
+            "{err}"
+        );
+        let err = Config::from_toml(
+            "[limits]\nsockmap_max_connections = 0\n[[listeners]]\nlisten = \"127.0.0.1:1\"\norigin = \"127.0.0.1:2\"\n",
+            Path::new("c.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with(
+                "c.toml:2: field `limits.sockmap_max_connections`: must be between 1 and 32768"
+            ),
             "{err}"
         );
         let err = Config::from_toml(

@@ -30,10 +30,8 @@ pub enum ServerError {
 /// Binds every listener and serves until `shutdown` resolves.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
     let cfg = Arc::new(cfg);
-    let paths = Arc::new(
-        DataPaths::start(cfg.datapath, cfg.limits.sockmap_max_queued)
-            .map_err(ServerError::DataPath)?,
-    );
+    let paths =
+        Arc::new(DataPaths::start(cfg.datapath, &cfg.limits).map_err(ServerError::DataPath)?);
     let mut listeners = Vec::new();
     for l in &cfg.listeners {
         let tl = bind(l.listen, cfg.limits.max_buffer_per_direction).map_err(|source| {

@@ -23,6 +23,7 @@ use serde::Deserialize;
 use tokio::net::TcpStream;
 
 use crate::accounting::Accounting;
+use crate::config::Limits;
 
 /// The configured choice (`datapath = "..."`, `--datapath`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -157,10 +158,10 @@ impl DataPaths {
     /// Probes and starts the configured path. An explicit choice that is not
     /// available is an error; `auto` falls back and says why.
     /// Must run inside the tokio runtime (the sockmap path starts tasks).
-    pub fn start(choice: DataPathChoice, sockmap_valve: u64) -> Result<DataPaths, String> {
+    pub fn start(choice: DataPathChoice, limits: &Limits) -> Result<DataPaths, String> {
         let sockmap = if choice == DataPathChoice::Sockmap {
             Some(
-                sockmap::Sockmap::load(sockmap_valve)
+                sockmap::Sockmap::load(limits.sockmap_max_queued, limits.sockmap_max_connections)
                     .map_err(|e| format!("datapath sockmap is not available: {e}"))?,
             )
         } else {

@@ -74,8 +74,8 @@ pub enum SockmapError {
     #[error("the eBPF object has no {0}")]
     Missing(&'static str),
     /// Every slot is in use: the connection falls back to the next path.
-    #[error("all {MAX_SOCKETS} sockmap slots are in use")]
-    Full,
+    #[error("all {0} sockmap connections are in use (limits.sockmap_max_connections)")]
+    Full(u32),
     /// An epoll or tokio call failed.
     #[error("{0}")]
     Io(#[from] io::Error),
@@ -127,6 +127,7 @@ pub struct Sockmap {
     registry: Mutex<StdHashMap<u64, (Arc<Signal>, usize)>>,
     epoll: OwnedFd,
     valve: u64,
+    max_connections: u32,
     /// Keeps the program attached for the life of the process.
     _ebpf: Mutex<Ebpf>,
 }
@@ -139,7 +140,8 @@ impl Sockmap {
     /// Loads and attaches the verdict program and starts the monitor tasks.
     /// `valve` is how far (bytes) a direction's receiver may fall behind
     /// before its connection is reset.
-    pub fn load(valve: u64) -> Result<Arc<Sockmap>, SockmapError> {
+    /// `max_connections` caps the pairs it carries at once (two slots each).
+    pub fn load(valve: u64, max_connections: u32) -> Result<Arc<Sockmap>, SockmapError> {
         bump_memlock();
         // Debug records from the kernel only when someone will read them.
         let level: u8 = if tracing::level_filters::LevelFilter::current()
@@ -203,13 +205,14 @@ impl Sockmap {
                 socks,
                 targets,
                 slots,
-                free: Slots::new(MAX_SOCKETS),
+                free: Slots::new(max_connections.saturating_mul(2).min(MAX_SOCKETS)),
             }),
             ctl,
             stats,
             registry: Mutex::new(StdHashMap::new()),
             epoll,
             valve,
+            max_connections,
             _ebpf: Mutex::new(ebpf),
         });
         tokio::spawn(ring_monitor(sm.clone(), readable(events)?));
@@ -344,7 +347,10 @@ impl Sockmap {
         let joined = (|| {
             let mut m = lock(&self.maps);
             for d in dirs.iter_mut() {
-                d.slot = m.free.take().ok_or(SockmapError::Full)?;
+                d.slot = m
+                    .free
+                    .take()
+                    .ok_or(SockmapError::Full(self.max_connections))?;
                 self.ctl.store(
                     d.slot,
                     &DirCtl {
