@@ -1,3 +1,262 @@
-//! The benchmark harness (`cargo xtask bench`), issue #3: not built yet.
-//! It will run a direct connection, Sluice's three data paths, nginx and
-//! HAProxy side by side against one origin and one load generator.
+//! The benchmark harness behind `cargo xtask bench`: a direct connection,
+//! Sluice's three data paths, nginx, HAProxy and Caddy side by side, against
+//! one origin and one load generator, all in this process's control.
+//!
+//! | module | job |
+//! |---|---|
+//! | `ws` | RFC 6455 handshake and frames (masked from the client) |
+//! | `origin` | the origin server (echo, sink, bulk) |
+//! | `load` | the workloads W1 to W4 |
+//! | `targets` | starts and stops the proxies; installs the Debian ones |
+//! | `sys` | CPU, memory and fd-limit readings from /proc |
+//! | `report` | medians, the Markdown table, the checks against the targets |
+//! | `chart` | one SVG chart per workload |
+
+pub mod chart;
+pub mod load;
+pub mod origin;
+pub mod report;
+pub mod sys;
+pub mod targets;
+pub mod ws;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use report::{Record, Workload};
+use targets::{Kind, Target};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Opts {
+    /// The smaller matrix for development (under 3 minutes).
+    pub quick: bool,
+    /// The `sluice` binary.
+    pub sluice: PathBuf,
+    /// Where results go (`<date>-<host>.md` and the charts).
+    pub out: PathBuf,
+    /// Only these targets (row names), if given.
+    pub only: Vec<String>,
+    /// Repetitions (default: 3, or 1 with `--quick`).
+    pub reps: Option<usize>,
+}
+
+/// The sizes of one run of the matrix.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Repetitions of every measurement (medians are reported).
+    pub reps: usize,
+    /// W1 bytes per direction.
+    pub bulk_bytes: u64,
+    /// W2 connection counts.
+    pub echo_conns: Vec<usize>,
+    /// W2 message sizes.
+    pub echo_sizes: Vec<usize>,
+    /// W2 time per case.
+    pub echo_time: Duration,
+    /// W3 connections.
+    pub idle_conns: usize,
+    /// W3 hold time.
+    pub idle_time: Duration,
+    /// W4 concurrent clients.
+    pub hs_par: usize,
+    /// W4 time.
+    pub hs_time: Duration,
+}
+
+impl Plan {
+    /// The full matrix (under 20 minutes) or the quick one (under 3).
+    pub fn new(quick: bool, reps: Option<usize>) -> Plan {
+        if quick {
+            Plan {
+                reps: reps.unwrap_or(1),
+                bulk_bytes: 256 << 20,
+                echo_conns: vec![1, 100, 1000],
+                echo_sizes: vec![64, 1024, 16384],
+                echo_time: Duration::from_millis(700),
+                idle_conns: 1000,
+                idle_time: Duration::from_secs(3),
+                hs_par: 50,
+                hs_time: Duration::from_secs(1),
+            }
+        } else {
+            Plan {
+                reps: reps.unwrap_or(3),
+                bulk_bytes: 1 << 30,
+                echo_conns: vec![1, 100, 1000],
+                echo_sizes: vec![64, 1024, 16384],
+                echo_time: Duration::from_secs(2),
+                idle_conns: 10_000,
+                idle_time: Duration::from_secs(5),
+                hs_par: 50,
+                hs_time: Duration::from_secs(3),
+            }
+        }
+    }
+}
+
+/// Every target, in the order of the tables.
+pub const ALL: [Kind; 7] = [
+    Kind::Direct,
+    Kind::Sluice("sockmap"),
+    Kind::Sluice("uring"),
+    Kind::Sluice("userspace"),
+    Kind::Nginx,
+    Kind::Haproxy,
+    Kind::Caddy,
+];
+
+/// Runs the matrix and writes the report. Returns the Markdown.
+pub fn run(opts: &Opts) -> Result<String, String> {
+    let plan = Plan::new(opts.quick, opts.reps);
+    let nofile = sys::raise_nofile();
+    let mut notes: Vec<String> = Vec::new();
+    let mut kinds: Vec<Kind> = ALL
+        .into_iter()
+        .filter(|k| opts.only.is_empty() || opts.only.contains(&k.name()))
+        .collect();
+    for (k, why) in targets::ensure_installed(&kinds) {
+        notes.push(format!("{}: left out, {why}", k.name()));
+        kinds.retain(|x| *x != k);
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 && kinds.contains(&Kind::Sluice("sockmap")) {
+        notes.push("sluice-sockmap: left out, loading eBPF needs root".into());
+        kinds.retain(|x| *x != Kind::Sluice("sockmap"));
+    }
+    let idle_conns = if nofile < (plan.idle_conns as u64) * 2 + 1000 {
+        let n = (nofile.saturating_sub(1000) / 2) as usize;
+        notes.push(format!(
+            "W3: {n} connections instead of {}: the fd limit is {nofile}",
+            plan.idle_conns
+        ));
+        n
+    } else {
+        plan.idle_conns
+    };
+    let origin = origin::Origin::start(2).map_err(|e| format!("starting the origin: {e}"))?;
+    let load = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("load")
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut running: Vec<Target> = Vec::new();
+    for k in kinds {
+        match Target::start(k, origin.addr, &opts.sluice) {
+            Ok(t) => {
+                // A smoke check: one session through it before measuring.
+                let ok = load.block_on(async {
+                    let mut c = load::Client::connect(t.addr, "/echo", 1).await?;
+                    c.send(ws::op::BINARY, b"smoke").await?;
+                    let f = c.recv(true).await?;
+                    c.close().await;
+                    if f.payload == b"smoke" {
+                        Ok(())
+                    } else {
+                        Err("echo differs".to_string())
+                    }
+                });
+                match ok {
+                    Ok(()) => running.push(t),
+                    Err(e) => {
+                        notes.push(format!("{}: left out, smoke check failed: {e}", k.name()))
+                    }
+                }
+            }
+            Err(e) => notes.push(format!("{}: left out, {e}", k.name())),
+        }
+    }
+    if running.is_empty() {
+        return Err(format!("no target could start: {}", notes.join("; ")));
+    }
+
+    let mut cases: Vec<(Workload, String)> = vec![
+        (Workload::Bulk, "one way".into()),
+        (Workload::Bulk, "both ways".into()),
+    ];
+    for &c in &plan.echo_conns {
+        for &s in &plan.echo_sizes {
+            cases.push((Workload::Echo, report::echo_case(c, s)));
+        }
+    }
+    cases.push((Workload::Idle, format!("{idle_conns} conns")));
+    cases.push((Workload::Handshake, format!("{} clients", plan.hs_par)));
+
+    let steps = (cases.len() * plan.reps * running.len()) as u64;
+    let bar = ProgressBar::new(steps);
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} {msg}")
+            .map_err(|e| e.to_string())?
+            .progress_chars("=> "),
+    );
+    let mut records: Vec<Record> = Vec::new();
+    // Cases outside, repetitions next, targets inside: every target meets
+    // the same machine weather within a repetition.
+    for (w, case) in &cases {
+        for rep in 0..plan.reps {
+            for t in running.iter_mut() {
+                bar.set_message(format!(
+                    "{} {case} {} #{}",
+                    w.title(),
+                    t.kind.name(),
+                    rep + 1
+                ));
+                let run = measure(&load, &plan, *w, case, idle_conns, t);
+                if !t.alive() {
+                    notes.push(format!(
+                        "{} died during {} {case}: {}",
+                        t.kind.name(),
+                        w.title(),
+                        t.log_tail()
+                    ));
+                }
+                records.push(Record {
+                    workload: *w,
+                    case: case.clone(),
+                    target: t.kind.name(),
+                    run,
+                });
+                bar.inc(1);
+                // Let sockets in TIME_WAIT and closing connections settle.
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+    bar.finish_and_clear();
+    let names: Vec<String> = running.iter().map(|t| t.kind.name()).collect();
+    drop(running);
+    drop(load);
+    drop(origin);
+    report::write(opts, &plan, &names, &records, &notes)
+}
+
+fn measure(
+    rt: &tokio::runtime::Runtime,
+    plan: &Plan,
+    w: Workload,
+    case: &str,
+    idle_conns: usize,
+    t: &Target,
+) -> Result<load::Run, String> {
+    let addr = t.addr;
+    let limit = Duration::from_secs(300);
+    rt.block_on(async {
+        let f = async {
+            match w {
+                Workload::Bulk => load::bulk(addr, plan.bulk_bytes, case == "both ways").await,
+                Workload::Echo => {
+                    let (c, s) = report::parse_echo_case(case).ok_or("bad case")?;
+                    load::echo(addr, c, s, plan.echo_time).await
+                }
+                Workload::Idle => load::idle(addr, idle_conns, plan.idle_time, || t.rss()).await,
+                Workload::Handshake => load::handshakes(addr, plan.hs_par, plan.hs_time).await,
+            }
+        };
+        tokio::time::timeout(limit, f)
+            .await
+            .unwrap_or_else(|_| Err(format!("no result within {limit:?}")))
+    })
+}

@@ -40,10 +40,12 @@ enum Cmd {
         #[arg(last = true)]
         extra: Vec<String>,
     },
-    /// Run the benchmark harness.
+    /// Run the benchmark harness: direct, Sluice's data paths, nginx,
+    /// HAProxy and Caddy side by side (installs the Debian packages).
     Bench {
-        /// Extra arguments passed to the harness (for example `--quick`).
-        #[arg(last = true)]
+        /// Extra arguments passed to the harness (for example `--quick`,
+        /// `--targets direct,sluice-uring,nginx`, `--reps 5`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         extra: Vec<String>,
     },
 }
@@ -70,12 +72,29 @@ fn main() -> Result<()> {
             test(&root, &extra)
         }
         Cmd::Bench { extra } => {
-            let _ = extra;
-            bail!(
-                "the benchmark harness (issue #3: direct, sockmap, uring, userspace, nginx and \
-                 HAProxy side by side) is not built yet; `cargo xtask test` prints each data \
-                 path's bulk throughput beside a direct connection meanwhile"
-            )
+            setup::all(&root)?;
+            cargo(
+                &root,
+                &[
+                    "build",
+                    "--release",
+                    "-p",
+                    "proxy-user",
+                    "-p",
+                    "sluice-bench",
+                    "--bins",
+                ],
+            )?;
+            let status = Command::new(root.join("target/release/sluice-bench"))
+                .arg("--sluice")
+                .arg(root.join("target/release/sluice"))
+                .arg("--out")
+                .arg(root.join("bench/results"))
+                .args(&extra)
+                .current_dir(&root)
+                .status()
+                .context("running the benchmark harness")?;
+            check(status, "sluice-bench")
         }
     }
 }

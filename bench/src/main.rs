@@ -1,0 +1,39 @@
+//! `sluice-bench`: runs the benchmark matrix (see the library docs).
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// Sluice side by side with a direct connection, nginx, HAProxy and Caddy.
+#[derive(Parser)]
+struct Cli {
+    /// The whole matrix, smaller, in under 3 minutes.
+    #[arg(long)]
+    quick: bool,
+    /// The `sluice` binary to measure.
+    #[arg(long, default_value = "target/release/sluice")]
+    sluice: PathBuf,
+    /// Where the report and charts go.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    /// Only these targets (comma-separated row names, e.g. direct,sluice-uring,nginx).
+    #[arg(long, value_delimiter = ',')]
+    targets: Vec<String>,
+    /// Repetitions per measurement (default 3, or 1 with --quick).
+    #[arg(long)]
+    reps: Option<usize>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let opts = sluice_bench::Opts {
+        quick: cli.quick,
+        sluice: cli.sluice,
+        out: cli.out,
+        only: cli.targets,
+        reps: cli.reps,
+    };
+    let md = sluice_bench::run(&opts).map_err(anyhow::Error::msg)?;
+    println!("{md}");
+    Ok(())
+}

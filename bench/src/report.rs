@@ -1,0 +1,520 @@
+//! Medians over repetitions, the Markdown report with ratios to direct and
+//! to nginx, the checks against the issue's targets, and the charts.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use crate::load::Run;
+use crate::{chart, Opts, Plan};
+
+/// The four workloads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Workload {
+    /// W1: one connection, bulk bytes.
+    Bulk,
+    /// W2: closed-loop echo.
+    Echo,
+    /// W3: many idle connections.
+    Idle,
+    /// W4: new sessions per second.
+    Handshake,
+}
+
+impl Workload {
+    /// Short title.
+    pub fn title(self) -> &'static str {
+        match self {
+            Workload::Bulk => "W1 bulk",
+            Workload::Echo => "W2 echo",
+            Workload::Idle => "W3 idle",
+            Workload::Handshake => "W4 handshakes",
+        }
+    }
+}
+
+/// One measurement.
+pub struct Record {
+    /// Which workload.
+    pub workload: Workload,
+    /// Which case of it (for example `1000 x 64 B`).
+    pub case: String,
+    /// Which target (row name).
+    pub target: String,
+    /// What it measured, or why it failed.
+    pub run: Result<Run, String>,
+}
+
+/// The W2 case name.
+pub fn echo_case(conns: usize, size: usize) -> String {
+    format!("{conns} x {size} B")
+}
+
+/// Parses a W2 case name back.
+pub fn parse_echo_case(s: &str) -> Option<(usize, usize)> {
+    let (c, rest) = s.split_once(" x ")?;
+    Some((c.parse().ok()?, rest.strip_suffix(" B")?.parse().ok()?))
+}
+
+/// The median of the finite values (NaN if none).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    }
+}
+
+fn pct(sorted: &[u32], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
+    f64::from(sorted[i]) / 1000.0
+}
+
+/// The metrics of one run, by name.
+fn metrics(w: Workload, r: &Run) -> Metrics {
+    let mut m = BTreeMap::new();
+    match w {
+        Workload::Bulk => {
+            m.insert("gbps", r.count * 8.0 / r.secs / 1e9);
+            m.insert("cpu_per_mib", r.cpu_us / (r.count / f64::from(1u32 << 20)));
+        }
+        Workload::Echo => {
+            m.insert("msgs", r.count / r.secs);
+            m.insert("p50", pct(&r.rtt_ns, 0.5));
+            m.insert("p99", pct(&r.rtt_ns, 0.99));
+            m.insert("p999", pct(&r.rtt_ns, 0.999));
+            m.insert("cpu_per_msg", r.cpu_us / r.count);
+        }
+        Workload::Idle => {
+            m.insert("rss", r.rss_per_conn);
+            m.insert("kernel", r.kernel_per_conn);
+            m.insert("cpu_pct", r.cpu_us / (r.secs * 1e6) * 100.0);
+        }
+        Workload::Handshake => {
+            m.insert("rate", r.count / r.secs);
+            m.insert("cpu_per_hs", r.cpu_us / r.count);
+            m.insert("errors", r.errors as f64);
+        }
+    }
+    m
+}
+
+/// (workload, case, target).
+type Key = (Workload, String, String);
+/// Metric values by name.
+type Metrics = BTreeMap<&'static str, f64>;
+
+/// Medians per key and metric; failures by key.
+struct Table {
+    med: BTreeMap<Key, Metrics>,
+    failed: BTreeMap<Key, (usize, String)>,
+}
+
+impl Table {
+    fn new(records: &[Record]) -> Table {
+        let mut all: BTreeMap<Key, Vec<Metrics>> = BTreeMap::new();
+        let mut failed = BTreeMap::new();
+        for r in records {
+            let key = (r.workload, r.case.clone(), r.target.clone());
+            match &r.run {
+                Ok(run) => all.entry(key).or_default().push(metrics(r.workload, run)),
+                Err(e) => {
+                    let f = failed.entry(key).or_insert((0, String::new()));
+                    f.0 += 1;
+                    f.1 = e.clone();
+                }
+            }
+        }
+        let med = all
+            .into_iter()
+            .map(|(k, runs)| {
+                let mut m = BTreeMap::new();
+                for name in runs[0].keys() {
+                    m.insert(*name, median(runs.iter().map(|r| r[name]).collect()));
+                }
+                (k, m)
+            })
+            .collect();
+        Table { med, failed }
+    }
+
+    fn get(&self, w: Workload, case: &str, target: &str, metric: &str) -> f64 {
+        self.med
+            .get(&(w, case.to_string(), target.to_string()))
+            .and_then(|m| m.get(metric).copied())
+            .unwrap_or(f64::NAN)
+    }
+}
+
+fn num(v: f64) -> String {
+    if !v.is_finite() {
+        "–".into()
+    } else if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if a.is_finite() && b.is_finite() && b > 0.0 {
+        format!("{:.2}×", a / b)
+    } else {
+        "–".into()
+    }
+}
+
+/// Writes the report and charts; returns the Markdown.
+pub fn write(
+    opts: &Opts,
+    plan: &Plan,
+    targets: &[String],
+    records: &[Record],
+    notes: &[String],
+) -> Result<String, String> {
+    let t = Table::new(records);
+    let date = today();
+    let host = crate::sys::hostname();
+    let mut md = String::new();
+    let _ = writeln!(md, "# Sluice benchmark, {date}, {host}\n");
+    let _ = writeln!(
+        md,
+        "{} mode; medians of {} repetition(s); kernel {}; {} CPUs. CPU is the whole machine's \
+         busy time from /proc/stat (load generator and origin included, the same for every row).\n",
+        if opts.quick { "Quick" } else { "Full" },
+        plan.reps,
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+    );
+    let rel = |w: Workload, case: &str, tg: &str, m: &str| {
+        let v = t.get(w, case, tg, m);
+        (
+            v,
+            ratio(v, t.get(w, case, "direct", m)),
+            ratio(v, t.get(w, case, "nginx", m)),
+        )
+    };
+
+    let bulk_mib = plan.bulk_bytes >> 20;
+    let _ = writeln!(
+        md,
+        "## W1 bulk: one connection, {bulk_mib} MiB per direction\n"
+    );
+    let _ = writeln!(
+        md,
+        "| target | one way Gbit/s | × direct | × nginx | both ways Gbit/s (sum) | × direct | × nginx | CPU-µs/MiB (one way) |\n|---|---|---|---|---|---|---|---|"
+    );
+    for tg in targets {
+        let (a, ad, an) = rel(Workload::Bulk, "one way", tg, "gbps");
+        let (b, bd, bn) = rel(Workload::Bulk, "both ways", tg, "gbps");
+        let c = t.get(Workload::Bulk, "one way", tg, "cpu_per_mib");
+        let _ = writeln!(
+            md,
+            "| {tg} | {} | {ad} | {an} | {} | {bd} | {bn} | {} |",
+            num(a),
+            num(b),
+            num(c)
+        );
+    }
+
+    let _ = writeln!(
+        md,
+        "\n## W2 echo: closed loop, {} s per case\n\nRound trips in µs; \"+p99\" is the p99 added over direct. \"+CPU-µs/msg\" is the machine's CPU per message over a direct run's: what the proxy costs, softirq and kernel workers included.\n",
+        plan.echo_time.as_secs_f64()
+    );
+    let _ = writeln!(md, "| case | target | msgs/s | × direct | × nginx | p50 | p99 | p99.9 | +p99 | CPU-µs/msg | +CPU-µs/msg | × nginx's + |\n|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let echo_cases: Vec<String> = plan
+        .echo_conns
+        .iter()
+        .flat_map(|&c| plan.echo_sizes.iter().map(move |&s| echo_case(c, s)))
+        .collect();
+    for case in &echo_cases {
+        for tg in targets {
+            let (m, md_, mn) = rel(Workload::Echo, case, tg, "msgs");
+            let p99 = t.get(Workload::Echo, case, tg, "p99");
+            let added = p99 - t.get(Workload::Echo, case, "direct", "p99");
+            let cpu = t.get(Workload::Echo, case, tg, "cpu_per_msg");
+            let base = t.get(Workload::Echo, case, "direct", "cpu_per_msg");
+            let cpun = ratio(
+                cpu - base,
+                t.get(Workload::Echo, case, "nginx", "cpu_per_msg") - base,
+            );
+            let _ = writeln!(
+                md,
+                "| {case} | {tg} | {} | {md_} | {mn} | {} | {} | {} | {} | {} | {} | {cpun} |",
+                num(m),
+                num(t.get(Workload::Echo, case, tg, "p50")),
+                num(p99),
+                num(t.get(Workload::Echo, case, tg, "p999")),
+                num(added),
+                num(cpu),
+                num(cpu - base)
+            );
+        }
+    }
+
+    let idle_case = records
+        .iter()
+        .find(|r| r.workload == Workload::Idle)
+        .map(|r| r.case.clone())
+        .unwrap_or_default();
+    let _ = writeln!(
+        md,
+        "\n## W3 many idle: {idle_case}, one 32 B echo per connection per second, held {} s\n",
+        plan.idle_time.as_secs()
+    );
+    let _ = writeln!(md, "| target | proxy RSS KiB/conn | × nginx | kernel KiB/conn (sockstat TCP + slab) | CPU % of one core |\n|---|---|---|---|---|");
+    for tg in targets {
+        let (r, _, rn) = rel(Workload::Idle, &idle_case, tg, "rss");
+        let _ = writeln!(
+            md,
+            "| {tg} | {} | {rn} | {} | {} |",
+            num(r / 1024.0),
+            num(t.get(Workload::Idle, &idle_case, tg, "kernel") / 1024.0),
+            num(t.get(Workload::Idle, &idle_case, tg, "cpu_pct"))
+        );
+    }
+
+    let hs_case = format!("{} clients", plan.hs_par);
+    let _ = writeln!(
+        md,
+        "\n## W4 handshakes: {} concurrent clients (connect, upgrade, one echo, close)\n",
+        plan.hs_par
+    );
+    let _ = writeln!(md, "| target | sessions/s | × direct | × nginx | CPU-µs/session | failed sessions |\n|---|---|---|---|---|---|");
+    for tg in targets {
+        let (r, rd, rn) = rel(Workload::Handshake, &hs_case, tg, "rate");
+        let _ = writeln!(
+            md,
+            "| {tg} | {} | {rd} | {rn} | {} | {} |",
+            num(r),
+            num(t.get(Workload::Handshake, &hs_case, tg, "cpu_per_hs")),
+            num(t.get(Workload::Handshake, &hs_case, tg, "errors"))
+        );
+    }
+
+    let _ = writeln!(md, "\n## Against the targets\n");
+    let _ = writeln!(
+        md,
+        "| check | target | sockmap | uring | userspace |\n|---|---|---|---|---|"
+    );
+    for (check, goal, f) in checks(&t, &idle_case, &hs_case, &echo_cases) {
+        let cells: Vec<String> = ["sockmap", "uring", "userspace"]
+            .iter()
+            .map(|p| f(&format!("sluice-{p}")))
+            .collect();
+        let _ = writeln!(md, "| {check} | {goal} | {} |", cells.join(" | "));
+    }
+
+    if !t.failed.is_empty() || !notes.is_empty() {
+        let _ = writeln!(md, "\n## Failures and notes\n");
+        for ((w, case, tg), (n, e)) in &t.failed {
+            let _ = writeln!(md, "- {} {case}, {tg}: {n} run(s) failed: {e}", w.title());
+        }
+        for n in notes {
+            let _ = writeln!(md, "- {n}");
+        }
+    }
+
+    std::fs::create_dir_all(&opts.out).map_err(|e| format!("{}: {e}", opts.out.display()))?;
+    let stem = format!("{date}-{host}{}", if opts.quick { "-quick" } else { "" });
+    let _ = writeln!(
+        md,
+        "\nCharts: `{stem}-w1.svg`, `{stem}-w2.svg`, `{stem}-w3.svg`, `{stem}-w4.svg`."
+    );
+    let series = |w: Workload, cases: &[String], m: &str| -> Vec<(String, Vec<f64>)> {
+        targets
+            .iter()
+            .map(|tg| {
+                (
+                    tg.clone(),
+                    cases.iter().map(|c| t.get(w, c, tg, m)).collect(),
+                )
+            })
+            .collect()
+    };
+    let bulk_cases = ["one way".to_string(), "both ways".to_string()];
+    chart::bars(
+        &opts.out.join(format!("{stem}-w1.svg")),
+        "W1 bulk, one connection",
+        "Gbit/s",
+        &bulk_cases,
+        &series(Workload::Bulk, &bulk_cases, "gbps"),
+    )?;
+    chart::bars(
+        &opts.out.join(format!("{stem}-w2.svg")),
+        "W2 echo, messages per second (connections x size)",
+        "messages/s",
+        &echo_cases,
+        &series(Workload::Echo, &echo_cases, "msgs"),
+    )?;
+    let idle = [idle_case.clone()];
+    chart::bars(
+        &opts.out.join(format!("{stem}-w3.svg")),
+        "W3 many idle: proxy RSS per connection",
+        "bytes per connection",
+        &idle,
+        &series(Workload::Idle, &idle, "rss"),
+    )?;
+    let hs = [hs_case.clone()];
+    chart::bars(
+        &opts.out.join(format!("{stem}-w4.svg")),
+        "W4 new WebSocket sessions per second",
+        "sessions/s",
+        &hs,
+        &series(Workload::Handshake, &hs, "rate"),
+    )?;
+    let path = opts.out.join(format!("{stem}.md"));
+    std::fs::write(&path, &md).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(md)
+}
+
+type Check<'a> = (String, &'static str, Box<dyn Fn(&str) -> String + 'a>);
+
+/// The issue's targets, each as a function of the Sluice row.
+fn checks<'a>(
+    t: &'a Table,
+    idle: &'a str,
+    hs: &'a str,
+    echo_cases: &'a [String],
+) -> Vec<Check<'a>> {
+    let mark = |ok: bool, s: String| {
+        if s.contains('–') {
+            "–".to_string()
+        } else if ok {
+            format!("met ({s})")
+        } else {
+            format!("**missed** ({s})")
+        }
+    };
+    let e64 = echo_case(1000, 64);
+    vec![
+        (
+            "W1 one way vs direct, vs HAProxy".into(),
+            "≥ 0.70× direct and ≥ 1.5× HAProxy",
+            Box::new(move |tg: &str| {
+                let v = t.get(Workload::Bulk, "one way", tg, "gbps");
+                let d = v / t.get(Workload::Bulk, "one way", "direct", "gbps");
+                let h = v / t.get(Workload::Bulk, "one way", "haproxy", "gbps");
+                mark(
+                    d >= 0.7 && h >= 1.5,
+                    format!("{} / {}", ratio(v, v / d), ratio(v, v / h)),
+                )
+            }),
+        ),
+        (
+            format!("W2 {e64}: msgs/s vs nginx and HAProxy, CPU-µs/msg"),
+            "≥ 1.5× the msgs/s, ≤ 0.5× the added CPU of both",
+            Box::new(move |tg: &str| {
+                let g = |x: &str, m: &str| t.get(Workload::Echo, &e64, x, m);
+                let rate = g(tg, "msgs") / g("nginx", "msgs").max(g("haproxy", "msgs"));
+                // The proxy's share: machine CPU over a direct run's.
+                let base = g("direct", "cpu_per_msg");
+                let cpu = (g(tg, "cpu_per_msg") - base)
+                    / (g("nginx", "cpu_per_msg") - base).min(g("haproxy", "cpu_per_msg") - base);
+                mark(
+                    rate >= 1.5 && cpu <= 0.5,
+                    format!("{} rate, {} CPU", ratio(rate, 1.0), ratio(cpu, 1.0)),
+                )
+            }),
+        ),
+        (
+            "W2 added p99 over direct vs nginx's".into(),
+            "≤ nginx's in every case",
+            Box::new(move |tg: &str| {
+                let mut met = 0;
+                let mut n = 0;
+                for c in echo_cases {
+                    let d = t.get(Workload::Echo, c, "direct", "p99");
+                    let ours = t.get(Workload::Echo, c, tg, "p99") - d;
+                    let theirs = t.get(Workload::Echo, c, "nginx", "p99") - d;
+                    if ours.is_finite() && theirs.is_finite() {
+                        n += 1;
+                        met += usize::from(ours <= theirs);
+                    }
+                }
+                if n == 0 {
+                    "–".into()
+                } else {
+                    mark(met == n, format!("{met} of {n} cases"))
+                }
+            }),
+        ),
+        (
+            "W3 user-space memory per idle connection".into(),
+            "≤ 4 KiB",
+            Box::new(move |tg: &str| {
+                let v = t.get(Workload::Idle, idle, tg, "rss");
+                mark(v <= 4096.0, format!("{} KiB", num(v / 1024.0)))
+            }),
+        ),
+        (
+            "W4 sessions/s vs nginx".into(),
+            "≥ 1.0× nginx",
+            Box::new(move |tg: &str| {
+                let v = t.get(Workload::Handshake, hs, tg, "rate");
+                let n = t.get(Workload::Handshake, hs, "nginx", "rate");
+                mark(v >= n, ratio(v, n))
+            }),
+        ),
+    ]
+}
+
+/// Today's date (UTC) as YYYY-MM-DD, from the system clock.
+fn today() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let days = (secs / 86_400) as i64;
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians_and_percentiles() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(vec![f64::NAN]).is_nan());
+        let v: Vec<u32> = (1..=1000).map(|x| x * 1000).collect();
+        assert_eq!(pct(&v, 0.5), 500.0);
+        assert_eq!(pct(&v, 0.99), 990.0);
+        assert_eq!(pct(&v, 0.999), 999.0);
+    }
+
+    #[test]
+    fn echo_case_round_trips() {
+        assert_eq!(parse_echo_case(&echo_case(1000, 64)), Some((1000, 64)));
+    }
+
+    #[test]
+    fn date_is_civil() {
+        let d = today();
+        assert_eq!(d.len(), 10, "{d}");
+        assert!(d.starts_with("20"), "{d}");
+    }
+}

@@ -1,0 +1,352 @@
+//! The proxies under test, started on loopback ports in front of the origin,
+//! and stopped (with everything they started) when dropped. nginx, HAProxy
+//! and Caddy come from Debian's packages, installed here if missing.
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// What a row of the results measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// The client talks to the origin itself: the physical limit.
+    Direct,
+    /// Sluice with `--datapath <path>`.
+    Sluice(&'static str),
+    /// nginx with the usual WebSocket `proxy_pass` settings.
+    Nginx,
+    /// HAProxy in HTTP mode; it tunnels after the 101.
+    Haproxy,
+    /// Caddy's `reverse_proxy`, which upgrades on its own.
+    Caddy,
+}
+
+impl Kind {
+    /// The row name.
+    pub fn name(self) -> String {
+        match self {
+            Kind::Direct => "direct".into(),
+            Kind::Sluice(p) => format!("sluice-{p}"),
+            Kind::Nginx => "nginx".into(),
+            Kind::Haproxy => "haproxy".into(),
+            Kind::Caddy => "caddy".into(),
+        }
+    }
+
+    /// The binary it needs, if any.
+    fn program(self) -> Option<&'static str> {
+        match self {
+            Kind::Nginx => Some("/usr/sbin/nginx"),
+            Kind::Haproxy => Some("/usr/sbin/haproxy"),
+            Kind::Caddy => Some("/usr/bin/caddy"),
+            _ => None,
+        }
+    }
+
+    /// Its Debian package.
+    fn package(self) -> Option<&'static str> {
+        match self {
+            Kind::Nginx => Some("nginx"),
+            Kind::Haproxy => Some("haproxy"),
+            Kind::Caddy => Some("caddy"),
+            _ => None,
+        }
+    }
+}
+
+/// Installs the Debian packages of `kinds` that are missing. Package
+/// scripts are kept from starting their services (the harness starts its
+/// own instances). Returns a note per kind that is still missing.
+pub fn ensure_installed(kinds: &[Kind]) -> Vec<(Kind, String)> {
+    let missing: Vec<Kind> = kinds
+        .iter()
+        .copied()
+        .filter(|k| k.program().is_some_and(|p| !Path::new(p).exists()))
+        .collect();
+    if missing.is_empty() {
+        return Vec::new();
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return missing
+            .into_iter()
+            .map(|k| (k, "not installed, and installing needs root".to_string()))
+            .collect();
+    }
+    let policy = Path::new("/usr/sbin/policy-rc.d");
+    let ours = !policy.exists()
+        && std::fs::write(policy, "#!/bin/sh\nexit 101\n").is_ok()
+        && Command::new("chmod")
+            .args(["755", "/usr/sbin/policy-rc.d"])
+            .status()
+            .is_ok_and(|s| s.success());
+    let install = |k: Kind| {
+        let pkg = k.package().expect("only packaged kinds are missing");
+        let run = || {
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends", pkg])
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        run() || {
+            let _ = Command::new("apt-get")
+                .args(["update", "-q"])
+                .stdout(Stdio::null())
+                .status();
+            run()
+        }
+    };
+    let mut notes = Vec::new();
+    for k in missing {
+        eprintln!("installing {} (Debian package)", k.name());
+        if !install(k) {
+            notes.push((
+                k,
+                format!("`apt-get install {}` failed", k.package().unwrap_or("?")),
+            ));
+        }
+    }
+    if ours {
+        let _ = std::fs::remove_file(policy);
+    }
+    notes
+}
+
+/// A free loopback port (bound, then released).
+pub fn free_addr() -> std::io::Result<SocketAddr> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    l.local_addr()
+}
+
+/// A running target.
+pub struct Target {
+    /// What it is.
+    pub kind: Kind,
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    child: Option<Child>,
+    dir: Option<PathBuf>,
+}
+
+impl Target {
+    /// Starts `kind` in front of `origin`; `sluice` is the daemon's binary.
+    pub fn start(kind: Kind, origin: SocketAddr, sluice: &Path) -> Result<Target, String> {
+        if kind == Kind::Direct {
+            return Ok(Target {
+                kind,
+                addr: origin,
+                child: None,
+                dir: None,
+            });
+        }
+        let addr = free_addr().map_err(|e| e.to_string())?;
+        let dir = std::env::temp_dir().join(format!(
+            "sluice-bench-{}-{}",
+            std::process::id(),
+            kind.name()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let mut cmd = match kind {
+            Kind::Direct => unreachable!("handled above"),
+            Kind::Sluice(path) => {
+                let mut c = Command::new(sluice);
+                c.args(["--listen", &addr.to_string()])
+                    .args(["--origin", &origin.to_string()])
+                    .args(["--datapath", path]);
+                c
+            }
+            Kind::Nginx => {
+                std::fs::write(dir.join("nginx.conf"), nginx_conf(&dir, addr, origin))
+                    .map_err(|e| e.to_string())?;
+                let mut c = Command::new("/usr/sbin/nginx");
+                c.arg("-p").arg(&dir).arg("-c").arg(dir.join("nginx.conf"));
+                c
+            }
+            Kind::Haproxy => {
+                std::fs::write(dir.join("haproxy.cfg"), haproxy_conf(addr, origin))
+                    .map_err(|e| e.to_string())?;
+                let mut c = Command::new("/usr/sbin/haproxy");
+                c.arg("-db").arg("-f").arg(dir.join("haproxy.cfg"));
+                c
+            }
+            Kind::Caddy => {
+                std::fs::write(dir.join("Caddyfile"), caddy_conf(addr, origin))
+                    .map_err(|e| e.to_string())?;
+                let mut c = Command::new("/usr/bin/caddy");
+                c.args(["run", "--adapter", "caddyfile", "--config"])
+                    .arg(dir.join("Caddyfile"))
+                    .env("HOME", &dir)
+                    .env("XDG_DATA_HOME", &dir)
+                    .env("XDG_CONFIG_HOME", &dir);
+                c
+            }
+        };
+        let log = std::fs::File::create(dir.join("stderr.log")).map_err(|e| e.to_string())?;
+        let log2 = log.try_clone().map_err(|e| e.to_string())?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .map_err(|e| format!("starting {}: {e}", kind.name()))?;
+        let mut t = Target {
+            kind,
+            addr,
+            child: Some(child),
+            dir: Some(dir),
+        };
+        t.wait_listening()?;
+        Ok(t)
+    }
+
+    fn wait_listening(&mut self) -> Result<(), String> {
+        let end = Instant::now() + Duration::from_secs(15);
+        loop {
+            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
+                return Ok(());
+            }
+            if let Some(c) = &mut self.child {
+                if let Ok(Some(st)) = c.try_wait() {
+                    return Err(format!(
+                        "{} exited with {st}: {}",
+                        self.kind.name(),
+                        self.log_tail()
+                    ));
+                }
+            }
+            if Instant::now() > end {
+                return Err(format!(
+                    "{} does not listen on {} after 15 s: {}",
+                    self.kind.name(),
+                    self.addr,
+                    self.log_tail()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The last lines of what it printed.
+    pub fn log_tail(&self) -> String {
+        let Some(d) = &self.dir else {
+            return String::new();
+        };
+        let s = std::fs::read_to_string(d.join("stderr.log")).unwrap_or_default();
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(5)..].join("\n")
+    }
+
+    /// Resident memory of the proxy's processes (0 for direct).
+    pub fn rss(&self) -> u64 {
+        self.child
+            .as_ref()
+            .map_or(0, |c| crate::sys::rss_tree(c.id()))
+    }
+
+    /// Whether its process is still alive (direct always is).
+    pub fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_none_or(|c| matches!(c.try_wait(), Ok(None)))
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let pids = crate::sys::tree(c.id());
+            // SIGTERM the whole tree (nginx and HAProxy stop their workers
+            // on it), then make sure.
+            for &p in &pids {
+                // SAFETY: plain kill(2) on pids we started.
+                unsafe { libc::kill(p as i32, libc::SIGTERM) };
+            }
+            let end = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < end && matches!(c.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            for &p in &pids {
+                if Path::new(&format!("/proc/{p}")).exists() {
+                    // SAFETY: as above.
+                    unsafe { libc::kill(p as i32, libc::SIGKILL) };
+                }
+            }
+            let _ = c.wait();
+        }
+        if let Some(d) = self.dir.take() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+fn nginx_conf(dir: &Path, addr: SocketAddr, origin: SocketAddr) -> String {
+    let d = dir.display();
+    format!(
+        "daemon off;
+worker_processes auto;
+worker_rlimit_nofile 65536;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 32768; }}
+http {{
+    access_log {d}/access.log;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
+    server {{
+        listen {addr} backlog=4096;
+        location / {{
+            proxy_pass http://{origin};
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_set_header Host $host;
+            proxy_read_timeout 3600s;
+            proxy_send_timeout 3600s;
+        }}
+    }}
+}}
+"
+    )
+}
+
+fn haproxy_conf(addr: SocketAddr, origin: SocketAddr) -> String {
+    format!(
+        "global
+    # HAProxy raises its fd limit to about twice maxconn; keep it within
+    # what an unprivileged hard limit (often 20000) allows.
+    maxconn 9800
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    timeout tunnel 1h
+frontend ws
+    bind {addr}
+    default_backend origin
+backend origin
+    server o {origin}
+"
+    )
+}
+
+fn caddy_conf(addr: SocketAddr, origin: SocketAddr) -> String {
+    format!(
+        "{{
+    admin off
+    auto_https off
+}}
+http://{addr} {{
+    reverse_proxy {origin}
+}}
+"
+    )
+}
