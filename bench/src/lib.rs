@@ -41,6 +41,8 @@ pub struct Opts {
     pub only: Vec<String>,
     /// Repetitions (default: 3, or 1 with `--quick`).
     pub reps: Option<usize>,
+    /// Only these workloads (`w1`..`w4`), if given.
+    pub workloads: Vec<String>,
 }
 
 /// The sizes of one run of the matrix.
@@ -184,6 +186,7 @@ pub fn run(opts: &Opts) -> Result<String, String> {
     }
     cases.push((Workload::Idle, format!("{idle_conns} conns")));
     cases.push((Workload::Handshake, format!("{} clients", plan.hs_par)));
+    cases.retain(|(w, _)| opts.workloads.is_empty() || opts.workloads.iter().any(|x| x == w.id()));
 
     let steps = (cases.len() * plan.reps * running.len()) as u64;
     let bar = ProgressBar::new(steps);

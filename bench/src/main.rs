@@ -19,6 +19,9 @@ struct Cli {
     /// Only these targets (comma-separated row names, e.g. direct,sluice-uring,nginx).
     #[arg(long, value_delimiter = ',')]
     targets: Vec<String>,
+    /// Only these workloads (comma-separated: w1,w2,w3,w4).
+    #[arg(long, value_delimiter = ',')]
+    workloads: Vec<String>,
     /// Repetitions per measurement (default 3, or 1 with --quick).
     #[arg(long)]
     reps: Option<usize>,
@@ -32,6 +35,7 @@ fn main() -> anyhow::Result<()> {
         out: cli.out,
         only: cli.targets,
         reps: cli.reps,
+        workloads: cli.workloads,
     };
     let md = sluice_bench::run(&opts).map_err(anyhow::Error::msg)?;
     println!("{md}");

@@ -21,6 +21,16 @@ pub enum Workload {
 }
 
 impl Workload {
+    /// Its id on the command line.
+    pub fn id(self) -> &'static str {
+        match self {
+            Workload::Bulk => "w1",
+            Workload::Echo => "w2",
+            Workload::Idle => "w3",
+            Workload::Handshake => "w4",
+        }
+    }
+
     /// Short title.
     pub fn title(self) -> &'static str {
         match self {
@@ -207,61 +217,66 @@ pub fn write(
         )
     };
 
-    let bulk_mib = plan.bulk_bytes >> 20;
-    let _ = writeln!(
-        md,
-        "## W1 bulk: one connection, {bulk_mib} MiB per direction\n"
-    );
-    let _ = writeln!(
-        md,
-        "| target | one way Gbit/s | × direct | × nginx | both ways Gbit/s (sum) | × direct | × nginx | CPU-µs/MiB (one way) |\n|---|---|---|---|---|---|---|---|"
-    );
-    for tg in targets {
-        let (a, ad, an) = rel(Workload::Bulk, "one way", tg, "gbps");
-        let (b, bd, bn) = rel(Workload::Bulk, "both ways", tg, "gbps");
-        let c = t.get(Workload::Bulk, "one way", tg, "cpu_per_mib");
-        let _ = writeln!(
-            md,
-            "| {tg} | {} | {ad} | {an} | {} | {bd} | {bn} | {} |",
-            num(a),
-            num(b),
-            num(c)
-        );
-    }
-
-    let _ = writeln!(
-        md,
-        "\n## W2 echo: closed loop, {} s per case\n\nRound trips in µs; \"+p99\" is the p99 added over direct. \"+CPU-µs/msg\" is the machine's CPU per message over a direct run's: what the proxy costs, softirq and kernel workers included.\n",
-        plan.echo_time.as_secs_f64()
-    );
-    let _ = writeln!(md, "| case | target | msgs/s | × direct | × nginx | p50 | p99 | p99.9 | +p99 | CPU-µs/msg | +CPU-µs/msg | × nginx's + |\n|---|---|---|---|---|---|---|---|---|---|---|---|");
     let echo_cases: Vec<String> = plan
         .echo_conns
         .iter()
         .flat_map(|&c| plan.echo_sizes.iter().map(move |&s| echo_case(c, s)))
         .collect();
-    for case in &echo_cases {
+    let ran = |w: Workload| records.iter().any(|r| r.workload == w);
+    let bulk_mib = plan.bulk_bytes >> 20;
+    if ran(Workload::Bulk) {
+        let _ = writeln!(
+            md,
+            "## W1 bulk: one connection, {bulk_mib} MiB per direction\n"
+        );
+        let _ = writeln!(
+        md,
+        "| target | one way Gbit/s | × direct | × nginx | both ways Gbit/s (sum) | × direct | × nginx | CPU-µs/MiB (one way) |\n|---|---|---|---|---|---|---|---|"
+    );
         for tg in targets {
-            let (m, md_, mn) = rel(Workload::Echo, case, tg, "msgs");
-            let p99 = t.get(Workload::Echo, case, tg, "p99");
-            let added = p99 - t.get(Workload::Echo, case, "direct", "p99");
-            let cpu = t.get(Workload::Echo, case, tg, "cpu_per_msg");
-            let base = t.get(Workload::Echo, case, "direct", "cpu_per_msg");
-            let cpun = ratio(
-                cpu - base,
-                t.get(Workload::Echo, case, "nginx", "cpu_per_msg") - base,
-            );
+            let (a, ad, an) = rel(Workload::Bulk, "one way", tg, "gbps");
+            let (b, bd, bn) = rel(Workload::Bulk, "both ways", tg, "gbps");
+            let c = t.get(Workload::Bulk, "one way", tg, "cpu_per_mib");
             let _ = writeln!(
                 md,
-                "| {case} | {tg} | {} | {md_} | {mn} | {} | {} | {} | {} | {} | {} | {cpun} |",
-                num(m),
-                num(t.get(Workload::Echo, case, tg, "p50")),
-                num(p99),
-                num(t.get(Workload::Echo, case, tg, "p999")),
-                num(added),
-                num(cpu),
-                num(cpu - base)
+                "| {tg} | {} | {ad} | {an} | {} | {bd} | {bn} | {} |",
+                num(a),
+                num(b),
+                num(c)
             );
+        }
+    }
+
+    if ran(Workload::Echo) {
+        let _ = writeln!(
+        md,
+        "\n## W2 echo: closed loop, {} s per case\n\nRound trips in µs; \"+p99\" is the p99 added over direct. \"+CPU-µs/msg\" is the machine's CPU per message over a direct run's: what the proxy costs, softirq and kernel workers included.\n",
+        plan.echo_time.as_secs_f64()
+    );
+        let _ = writeln!(md, "| case | target | msgs/s | × direct | × nginx | p50 | p99 | p99.9 | +p99 | CPU-µs/msg | +CPU-µs/msg | × nginx's + |\n|---|---|---|---|---|---|---|---|---|---|---|---|");
+        for case in &echo_cases {
+            for tg in targets {
+                let (m, md_, mn) = rel(Workload::Echo, case, tg, "msgs");
+                let p99 = t.get(Workload::Echo, case, tg, "p99");
+                let added = p99 - t.get(Workload::Echo, case, "direct", "p99");
+                let cpu = t.get(Workload::Echo, case, tg, "cpu_per_msg");
+                let base = t.get(Workload::Echo, case, "direct", "cpu_per_msg");
+                let cpun = ratio(
+                    cpu - base,
+                    t.get(Workload::Echo, case, "nginx", "cpu_per_msg") - base,
+                );
+                let _ = writeln!(
+                    md,
+                    "| {case} | {tg} | {} | {md_} | {mn} | {} | {} | {} | {} | {} | {} | {cpun} |",
+                    num(m),
+                    num(t.get(Workload::Echo, case, tg, "p50")),
+                    num(p99),
+                    num(t.get(Workload::Echo, case, tg, "p999")),
+                    num(added),
+                    num(cpu),
+                    num(cpu - base)
+                );
+            }
         }
     }
 
@@ -270,39 +285,43 @@ pub fn write(
         .find(|r| r.workload == Workload::Idle)
         .map(|r| r.case.clone())
         .unwrap_or_default();
-    let _ = writeln!(
-        md,
-        "\n## W3 many idle: {idle_case}, one 32 B echo per connection per second, held {} s\n",
-        plan.idle_time.as_secs()
-    );
-    let _ = writeln!(md, "| target | proxy RSS KiB/conn | × nginx | kernel KiB/conn (sockstat TCP + slab) | CPU % of one core |\n|---|---|---|---|---|");
-    for tg in targets {
-        let (r, _, rn) = rel(Workload::Idle, &idle_case, tg, "rss");
+    if ran(Workload::Idle) {
         let _ = writeln!(
             md,
-            "| {tg} | {} | {rn} | {} | {} |",
-            num(r / 1024.0),
-            num(t.get(Workload::Idle, &idle_case, tg, "kernel") / 1024.0),
-            num(t.get(Workload::Idle, &idle_case, tg, "cpu_pct"))
+            "\n## W3 many idle: {idle_case}, one 32 B echo per connection per second, held {} s\n",
+            plan.idle_time.as_secs()
         );
+        let _ = writeln!(md, "| target | proxy RSS KiB/conn | × nginx | kernel KiB/conn (sockstat TCP + slab) | CPU % of one core |\n|---|---|---|---|---|");
+        for tg in targets {
+            let (r, _, rn) = rel(Workload::Idle, &idle_case, tg, "rss");
+            let _ = writeln!(
+                md,
+                "| {tg} | {} | {rn} | {} | {} |",
+                num(r / 1024.0),
+                num(t.get(Workload::Idle, &idle_case, tg, "kernel") / 1024.0),
+                num(t.get(Workload::Idle, &idle_case, tg, "cpu_pct"))
+            );
+        }
     }
 
     let hs_case = format!("{} clients", plan.hs_par);
-    let _ = writeln!(
-        md,
-        "\n## W4 handshakes: {} concurrent clients (connect, upgrade, one echo, close)\n",
-        plan.hs_par
-    );
-    let _ = writeln!(md, "| target | sessions/s | × direct | × nginx | CPU-µs/session | failed sessions |\n|---|---|---|---|---|---|");
-    for tg in targets {
-        let (r, rd, rn) = rel(Workload::Handshake, &hs_case, tg, "rate");
+    if ran(Workload::Handshake) {
         let _ = writeln!(
             md,
-            "| {tg} | {} | {rd} | {rn} | {} | {} |",
-            num(r),
-            num(t.get(Workload::Handshake, &hs_case, tg, "cpu_per_hs")),
-            num(t.get(Workload::Handshake, &hs_case, tg, "errors"))
+            "\n## W4 handshakes: {} concurrent clients (connect, upgrade, one echo, close)\n",
+            plan.hs_par
         );
+        let _ = writeln!(md, "| target | sessions/s | × direct | × nginx | CPU-µs/session | failed sessions |\n|---|---|---|---|---|---|");
+        for tg in targets {
+            let (r, rd, rn) = rel(Workload::Handshake, &hs_case, tg, "rate");
+            let _ = writeln!(
+                md,
+                "| {tg} | {} | {rd} | {rn} | {} | {} |",
+                num(r),
+                num(t.get(Workload::Handshake, &hs_case, tg, "cpu_per_hs")),
+                num(t.get(Workload::Handshake, &hs_case, tg, "errors"))
+            );
+        }
     }
 
     let _ = writeln!(md, "\n## Against the targets\n");
