@@ -2,6 +2,7 @@
 //!
 //! ```toml
 //! datapath = "auto"            # auto | sockmap | uring | userspace
+//! workers = 2                  # worker threads (default: one per CPU)
 //!
 //! [limits]
 //! max_buffer_per_direction = 8388608   # bytes held in the proxy per direction
@@ -75,6 +76,9 @@ pub struct Config {
     /// Timeouts of the handshake phases.
     #[serde(default)]
     pub timeouts: Timeouts,
+    /// Worker threads, each with its own runtime (default: one per CPU).
+    #[serde(default)]
+    pub workers: Option<usize>,
     /// Listeners, each with its origin.
     pub listeners: Vec<Listener>,
 }
@@ -159,6 +163,7 @@ impl Default for Config {
             datapath: DataPathChoice::Auto,
             limits: Limits::default(),
             timeouts: Timeouts::default(),
+            workers: None,
             listeners: vec![Listener {
                 listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
                 origin: SocketAddr::from(([127, 0, 0, 1], 9000)),
@@ -200,6 +205,9 @@ impl Config {
         };
         if self.listeners.is_empty() {
             return Err(invalid("listeners", "at least one listener is needed"));
+        }
+        if self.workers.is_some_and(|w| !(1..=1024).contains(&w)) {
+            return Err(invalid("workers", "must be between 1 and 1024"));
         }
         for (i, l) in self.listeners.iter().enumerate() {
             if self.listeners[..i].iter().any(|o| o.listen == l.listen) {

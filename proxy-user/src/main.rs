@@ -47,9 +47,18 @@ fn main() -> Result<()> {
         .clone()
         .or_else(|| std::env::var("RUST_LOG").ok())
         .unwrap_or_else(|| "info".into());
+    // Log lines (two access lines per session) go to a writer thread that
+    // batches them into few writes; nothing is dropped when it falls behind.
+    let (writer, _flush_on_exit) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("sluice-log")
+        .finish(std::io::BufWriter::with_capacity(
+            64 << 10,
+            std::io::stderr(),
+        ));
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
@@ -65,7 +74,9 @@ fn main() -> Result<()> {
     }
     let cfg = cfg.validate(std::path::Path::new("<flags>"))?;
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    // The control runtime: signals and the data paths' monitors. The
+    // workers run their own (see `server::run`).
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
@@ -73,7 +84,6 @@ fn main() -> Result<()> {
         sluice::server::run(cfg, shutdown_signal()).await?;
         Ok::<_, anyhow::Error>(())
     })?;
-    // Relays still running are cut here; graceful drain comes with reload.
     rt.shutdown_timeout(std::time::Duration::from_millis(100));
     Ok(())
 }

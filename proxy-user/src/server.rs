@@ -28,45 +28,106 @@ pub enum ServerError {
 }
 
 /// Binds every listener and serves until `shutdown` resolves.
+///
+/// Thread per core: each worker thread runs its own single-threaded runtime
+/// and accepts on its own handle of every listening socket, so whichever
+/// worker is free takes the next connection, and a connection's tasks never
+/// move between threads. (`SO_REUSEPORT` would spread by hash instead, and
+/// would let a second daemon bind the same port without an error.) The
+/// calling runtime keeps the data paths' monitors.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
     let cfg = Arc::new(cfg);
     let paths =
         Arc::new(DataPaths::start(cfg.datapath, &cfg.limits).map_err(ServerError::DataPath)?);
-    let mut listeners = Vec::new();
+    let workers = cfg
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    // Bind every listener here, so errors surface before the ready line.
+    let mut first: Vec<(std::net::TcpListener, Arc<ListenerCtx>)> = Vec::new();
     for l in &cfg.listeners {
-        let tl = bind(l.listen, cfg.limits.max_buffer_per_direction).map_err(|source| {
-            ServerError::Bind {
-                addr: l.listen,
-                source,
-            }
-        })?;
+        let bind_err = |source| ServerError::Bind {
+            addr: l.listen,
+            source,
+        };
+        let tl = bind(l.listen, cfg.limits.max_buffer_per_direction).map_err(bind_err)?;
         let ctx = Arc::new(ListenerCtx {
             cfg: cfg.clone(),
             origin: l.origin,
             paths: paths.clone(),
         });
-        listeners.push((tl, ctx));
+        first.push((tl, ctx));
     }
-    for (tl, ctx) in &listeners {
+    let mut per_worker: Vec<Vec<(std::net::TcpListener, Arc<ListenerCtx>)>> = vec![first];
+    for _ in 1..workers {
+        let mut set = Vec::new();
+        for ((tl, ctx), l) in per_worker[0].iter().zip(&cfg.listeners) {
+            let copy = tl.try_clone().map_err(|source| ServerError::Bind {
+                addr: l.listen,
+                source,
+            })?;
+            set.push((copy, ctx.clone()));
+        }
+        per_worker.push(set);
+    }
+    for (tl, ctx) in &per_worker[0] {
         tracing::info!(
-            "sluice ready: listening on {} -> origin {}, datapath {} ({})",
+            "sluice ready: listening on {} -> origin {}, datapath {} ({}), {workers} worker(s)",
             tl.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             ctx.origin,
             paths.primary,
             paths.why
         );
     }
-    let mut tasks = tokio::task::JoinSet::new();
-    for (tl, ctx) in listeners {
-        tasks.spawn(accept_loop(tl, ctx));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut threads = Vec::new();
+    for (i, set) in per_worker.into_iter().enumerate() {
+        let mut stop = stop_rx.clone();
+        let t = std::thread::Builder::new()
+            .name(format!("sluice-w{i}"))
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!("worker {i} cannot start its runtime: {e}");
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let mut tasks = tokio::task::JoinSet::new();
+                    for (tl, ctx) in set {
+                        match TcpListener::from_std(tl) {
+                            Ok(tl) => {
+                                tasks.spawn(accept_loop(tl, ctx));
+                            }
+                            Err(e) => tracing::error!("worker {i}: listener: {e}"),
+                        }
+                    }
+                    let _ = stop.wait_for(|s| *s).await;
+                    tasks.abort_all();
+                });
+                // Relays still running are cut here; graceful drain comes
+                // with reload.
+                rt.shutdown_timeout(std::time::Duration::from_millis(100));
+            });
+        match t {
+            Ok(t) => threads.push(t),
+            Err(e) => tracing::error!("cannot start worker {i}: {e}"),
+        }
     }
     shutdown.await;
     tracing::info!("sluice stopping");
-    tasks.abort_all();
+    let _ = stop_tx.send(true);
+    for t in threads {
+        let _ = t.join();
+    }
     Ok(())
 }
 
-fn bind(addr: SocketAddr, bound: u64) -> std::io::Result<TcpListener> {
+fn bind(addr: SocketAddr, bound: u64) -> std::io::Result<std::net::TcpListener> {
     let s = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
@@ -77,10 +138,9 @@ fn bind(addr: SocketAddr, bound: u64) -> std::io::Result<TcpListener> {
     // Accepted sockets inherit the buffer sizes, and with them the window scale.
     crate::sockopt::bound_buffers(s.as_fd(), bound);
     s.bind(&addr.into())?;
-    s.listen(1024)?;
-    TcpListener::from_std(s.into())
+    s.listen(4096)?;
+    Ok(s.into())
 }
-
 async fn accept_loop(tl: TcpListener, ctx: Arc<ListenerCtx>) {
     loop {
         match tl.accept().await {
