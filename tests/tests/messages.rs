@@ -15,7 +15,7 @@ use tokio_tungstenite::tungstenite::Message;
 /// The close log line shows which data path really carried the connection.
 fn expected_path(mode: Mode) -> &'static str {
     match mode {
-        Mode::Unprivileged => "uring",
+        Mode::Unprivileged => "userspace",
         m => m.flag(),
     }
 }

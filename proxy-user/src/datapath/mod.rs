@@ -6,10 +6,13 @@
 //! | `uring` | Linux 5.11+, io_uring not disabled | one io_uring thread, read/write per direction |
 //! | `userspace` | anything | tokio, one buffer per direction |
 //!
-//! `auto` probes at start-up and takes `uring`, else `userspace`. It does not
-//! take `sockmap`, which cannot apply backpressure (see its module docs);
-//! choose it explicitly. A connection that cannot join the chosen path falls
-//! back to the next (sockmap, then uring, then userspace).
+//! `auto` takes `userspace`: in `cargo xtask bench` (bench/results/) it
+//! matched or beat `uring` on every workload here (bulk, echo, idle,
+//! handshakes), after the thread-per-core and scratch-buffer changes. It
+//! still probes io_uring and says in its log line whether it is available.
+//! `sockmap` cannot apply backpressure (see its module docs); choose it
+//! explicitly. A connection that cannot join the chosen path falls back to
+//! the next (sockmap, then uring, then userspace).
 
 mod shared_map;
 pub mod sockmap;
@@ -167,30 +170,33 @@ impl DataPaths {
         } else {
             None
         };
-        let uring = if choice == DataPathChoice::Userspace {
-            Err("not wanted".to_string())
-        } else {
-            uring::UringRelay::start()
+        // The uring relay runs when it is chosen, or as sockmap's fallback.
+        let uring = match choice {
+            DataPathChoice::Uring | DataPathChoice::Sockmap => uring::UringRelay::start(),
+            DataPathChoice::Auto | DataPathChoice::Userspace => Err("not wanted".to_string()),
         };
         if choice == DataPathChoice::Uring {
             if let Err(e) = &uring {
                 return Err(format!("datapath uring is not available: {e}"));
             }
         }
-        let (primary, why) = match (choice, &uring) {
-            (DataPathChoice::Sockmap, _) => (DataPath::Sockmap, "configured sockmap".to_string()),
-            (DataPathChoice::Auto, Ok(_)) => (
-                DataPath::Uring,
-                "auto: io_uring available; sockmap is opt-in (no backpressure)".to_string(),
-            ),
-            (DataPathChoice::Auto, Err(e)) => (
-                DataPath::Userspace,
-                format!("auto: io_uring unavailable ({e}); sockmap is opt-in (no backpressure)"),
-            ),
-            (DataPathChoice::Uring, _) => (DataPath::Uring, "configured uring".to_string()),
-            (DataPathChoice::Userspace, _) => {
-                (DataPath::Userspace, "configured userspace".to_string())
+        let (primary, why) = match choice {
+            DataPathChoice::Sockmap => (DataPath::Sockmap, "configured sockmap".to_string()),
+            DataPathChoice::Auto => {
+                let uring_state = match uring::probe() {
+                    Ok(()) => "available".to_string(),
+                    Err(e) => format!("unavailable: {e}"),
+                };
+                (
+                    DataPath::Userspace,
+                    format!(
+                        "auto: userspace measured fastest (cargo xtask bench); io_uring \
+                         {uring_state}, opt-in; sockmap opt-in (no backpressure)"
+                    ),
+                )
             }
+            DataPathChoice::Uring => (DataPath::Uring, "configured uring".to_string()),
+            DataPathChoice::Userspace => (DataPath::Userspace, "configured userspace".to_string()),
         };
         Ok(DataPaths {
             primary,
