@@ -239,12 +239,17 @@ async fn upgrade(
                 return;
             }
         };
+        // The read-ahead is a slice of hyper's read buffer (8 KiB or more);
+        // a copy lets that buffer go now, not when the connection ends.
         let pair = Pair {
+            client_ahead: Bytes::copy_from_slice(&client.read_buf),
             client: client.io.into_inner(),
-            client_ahead: client.read_buf,
+            origin_ahead: Bytes::copy_from_slice(&origin_parts.read_buf),
             origin: origin_parts.io.into_inner(),
-            origin_ahead: origin_parts.read_buf,
         };
+        // Moving `io` out leaves the other fields alive to the end of the
+        // scope; the buffers are gone now.
+        drop((client.read_buf, origin_parts.read_buf));
         hand_off(pair, peer, path, ws, paths).await;
     });
     Ok(resp)

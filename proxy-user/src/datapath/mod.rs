@@ -207,13 +207,15 @@ impl DataPaths {
     }
 
     /// Relays one connection on the primary path, falling back to the next
-    /// path if the connection cannot join it. Returns the path that carried
+    /// path if the connection cannot join it. Each path's future is boxed:
+    /// inline, every connection's task would be as large as the largest
+    /// path's state (sockmap's), whichever path carries it. Returns the path that carried
     /// it and how it ended.
     pub async fn relay(&self, pair: Pair, acct: Arc<Accounting>) -> (DataPath, CloseReason) {
         let mut pair = pair;
         if self.primary == DataPath::Sockmap {
             if let Some(sm) = &self.sockmap {
-                match sm.relay(pair, acct.clone()).await {
+                match Box::pin(sm.relay(pair, acct.clone())).await {
                     Ok(reason) => return (DataPath::Sockmap, reason),
                     Err(f) => {
                         tracing::warn!("connection falls back from sockmap: {}", f.why);
@@ -224,7 +226,7 @@ impl DataPaths {
         }
         if matches!(self.primary, DataPath::Sockmap | DataPath::Uring) {
             if let Some(u) = &self.uring {
-                match u.relay(pair, acct.clone()).await {
+                match Box::pin(u.relay(pair, acct.clone())).await {
                     Ok(reason) => return (DataPath::Uring, reason),
                     Err(f) => {
                         tracing::warn!("connection falls back from uring: {}", f.why);
@@ -233,6 +235,9 @@ impl DataPaths {
                 }
             }
         }
-        (DataPath::Userspace, userspace::relay(pair, acct).await)
+        (
+            DataPath::Userspace,
+            Box::pin(userspace::relay(pair, acct)).await,
+        )
     }
 }

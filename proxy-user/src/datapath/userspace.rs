@@ -9,8 +9,6 @@
 
 use std::sync::Arc;
 
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
 use super::{CloseReason, Pair, Side};
@@ -38,19 +36,15 @@ enum Step {
 /// Relays until both directions have closed, or one side reset.
 pub async fn relay(pair: Pair, acct: Arc<Accounting>) -> CloseReason {
     let Pair {
-        mut client,
+        client,
         client_ahead,
-        mut origin,
+        origin,
         origin_ahead,
     } = pair;
-    let result = {
-        let (cr, cw) = client.split();
-        let (or, ow) = origin.split();
-        tokio::try_join!(
-            pump(cr, ow, &client_ahead, &acct, true),
-            pump(or, cw, &origin_ahead, &acct, false)
-        )
-    };
+    let result = tokio::try_join!(
+        pump(&client, &origin, client_ahead, &acct, true),
+        pump(&origin, &client, origin_ahead, &acct, false)
+    );
     match result {
         Ok(_) => CloseReason::Done,
         Err(side) => {
@@ -63,11 +57,32 @@ pub async fn relay(pair: Pair, acct: Arc<Accounting>) -> CloseReason {
     }
 }
 
+/// Waits until `s` is readable. `poll_read_ready` keeps one waker per
+/// socket and replaces the previous one, which here belongs to the hyper
+/// task that read the handshake; `readable()` would queue a new waiter and
+/// keep that task's memory alive for the connection's whole life.
+async fn read_ready(s: &TcpStream) -> std::io::Result<()> {
+    std::future::poll_fn(|cx| s.poll_read_ready(cx)).await
+}
+
+/// Writes all of `buf`, waiting for room as needed.
+async fn write_all(s: &TcpStream, mut buf: &[u8]) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        std::future::poll_fn(|cx| s.poll_write_ready(cx)).await?;
+        match s.try_write(buf) {
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Copies one direction; `Err` names the side whose socket failed.
 async fn pump(
-    r: ReadHalf<'_>,
-    mut w: WriteHalf<'_>,
-    ahead: &[u8],
+    r: &TcpStream,
+    w: &TcpStream,
+    ahead: bytes::Bytes,
     acct: &Accounting,
     to_origin: bool,
 ) -> Result<(), Side> {
@@ -77,18 +92,19 @@ async fn pump(
         (Side::Origin, Side::Client)
     };
     if !ahead.is_empty() {
-        w.write_all(ahead).await.map_err(|_| dst)?;
+        write_all(w, &ahead).await.map_err(|_| dst)?;
         acct.add(to_origin, ahead.len() as u64);
     }
+    drop(ahead);
     let mut pending: Vec<u8> = Vec::new();
     loop {
         if !pending.is_empty() {
-            w.write_all(&pending).await.map_err(|_| dst)?;
+            write_all(w, &pending).await.map_err(|_| dst)?;
             acct.add(to_origin, pending.len() as u64);
             // Drop the buffer: an idle connection should hold none.
             pending = Vec::new();
         }
-        r.readable().await.map_err(|_| src)?;
+        read_ready(r).await.map_err(|_| src)?;
         let step = BUF.with(|b| {
             let mut b = b.borrow_mut();
             let n = match r.try_read(&mut b) {
@@ -112,7 +128,8 @@ async fn pump(
             Step::Eof => {
                 // Ignore ENOTCONN: the peer may have reset meanwhile; the
                 // other direction reports that.
-                let _ = w.shutdown().await;
+                use std::os::fd::AsFd;
+                let _ = sockopt::shutdown_write(w.as_fd());
                 return Ok(());
             }
             Step::Moved(n) => acct.add(to_origin, n as u64),
