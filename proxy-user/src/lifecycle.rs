@@ -15,7 +15,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -51,9 +51,10 @@ pub struct ListenerCtx {
 /// Runs one client connection through every phase. Never fails: errors are
 /// answered to the client and logged.
 pub async fn serve_client(stream: TcpStream, peer: SocketAddr, ctx: Arc<ListenerCtx>) {
-    // A second handle on the socket, to answer when hyper gives up without
-    // writing a response (truncated head, header timeout).
-    let spare: Option<OwnedFd> = stream.as_fd().try_clone_to_owned().ok();
+    // To answer when hyper gives up without writing a response (truncated
+    // head, header timeout). Hyper keeps the socket until `conn` is dropped,
+    // so the number stays valid while `conn` lives (no dup per connection).
+    let raw = stream.as_raw_fd();
     let svc_ctx = ctx.clone();
     let svc = service_fn(move |req| {
         let ctx = svc_ctx.clone();
@@ -66,7 +67,8 @@ pub async fn serve_client(stream: TcpStream, peer: SocketAddr, ctx: Arc<Listener
         .title_case_headers(true)
         .serve_connection(TokioIo::new(stream), svc)
         .with_upgrades();
-    if let Err(e) = conn.await {
+    let mut conn = std::pin::pin!(conn);
+    if let Err(e) = conn.as_mut().await {
         let answer = if e.is_timeout() {
             Some((
                 StatusCode::REQUEST_TIMEOUT,
@@ -78,25 +80,23 @@ pub async fn serve_client(stream: TcpStream, peer: SocketAddr, ctx: Arc<Listener
             None
         };
         tracing::debug!(%peer, "client connection ended: {e}");
-        if let (Some((status, reason)), Some(fd)) = (answer, &spare) {
-            write_raw_error(fd, status, reason);
+        if let Some((status, reason)) = answer {
+            // SAFETY: `conn` is alive and still owns the socket (see above).
+            write_raw_error(unsafe { crate::sockopt::borrow(raw) }, status, reason);
         }
     }
 }
 
-/// Best-effort answer on a socket hyper has already let go of.
-fn write_raw_error(fd: &OwnedFd, status: StatusCode, reason: &str) {
-    use std::io::Write;
+/// Best-effort answer on a socket hyper has given up on.
+fn write_raw_error(fd: std::os::fd::BorrowedFd<'_>, status: StatusCode, reason: &str) {
     let text = format!(
         "HTTP/1.1 {} {}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{reason}\n",
         status.as_u16(),
         status.canonical_reason().unwrap_or(""),
         reason.len() + 1
     );
-    if let Ok(f) = fd.try_clone() {
-        let mut s = std::net::TcpStream::from(f);
-        let _ = s.write_all(text.as_bytes());
-    }
+    // A short answer fits in the empty send buffer of a fresh connection.
+    let _ = socket2::SockRef::from(&fd).send(text.as_bytes());
 }
 
 async fn handle(req: Request<Incoming>, peer: SocketAddr, ctx: Arc<ListenerCtx>) -> Response<Body> {
