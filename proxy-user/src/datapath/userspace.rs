@@ -65,6 +65,33 @@ async fn read_ready(s: &TcpStream) -> std::io::Result<()> {
     std::future::poll_fn(|cx| s.poll_read_ready(cx)).await
 }
 
+/// One read. A read that did not fill `buf` emptied the receive queue, so
+/// tokio's readiness is cleared at once (as nginx does): otherwise the next
+/// round would spend a `recv` only to learn `EAGAIN`, one per message.
+fn read_once(r: &TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut got = None;
+    let res = r.try_io(tokio::io::Interest::READABLE, || {
+        let n = socket2::SockRef::from(r).recv(as_uninit(buf))?;
+        if n == 0 || n == buf.len() {
+            return Ok(n);
+        }
+        got = Some(n);
+        Err(std::io::ErrorKind::WouldBlock.into())
+    });
+    match (res, got) {
+        (_, Some(n)) => Ok(n),
+        (res, None) => res,
+    }
+}
+
+/// A byte buffer as the uninitialised view `recv` takes; it is initialised,
+/// so nothing is lost.
+fn as_uninit(buf: &mut [u8]) -> &mut [std::mem::MaybeUninit<u8>] {
+    // SAFETY: same layout; initialised bytes are valid MaybeUninit<u8>, and
+    // recv only writes bytes.
+    unsafe { &mut *(buf as *mut [u8] as *mut [std::mem::MaybeUninit<u8>]) }
+}
+
 /// Writes all of `buf`, waiting for room as needed.
 async fn write_all(s: &TcpStream, mut buf: &[u8]) -> std::io::Result<()> {
     while !buf.is_empty() {
@@ -107,7 +134,7 @@ async fn pump(
         read_ready(r).await.map_err(|_| src)?;
         let step = BUF.with(|b| {
             let mut b = b.borrow_mut();
-            let n = match r.try_read(&mut b) {
+            let n = match read_once(r, &mut b) {
                 Ok(0) => return Ok(Step::Eof),
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(Step::Again),
