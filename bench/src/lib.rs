@@ -128,8 +128,10 @@ pub fn run(opts: &Opts) -> Result<String, String> {
         notes.push("sluice-sockmap: left out, loading eBPF needs root".into());
         kinds.retain(|x| *x != Kind::Sluice("sockmap"));
     }
-    let idle_conns = if nofile < (plan.idle_conns as u64) * 2 + 1000 {
-        let n = (nofile.saturating_sub(1000) / 2) as usize;
+    // Both the proxy and this process (client and origin ends) hold two fds
+    // per connection.
+    let idle_conns = if nofile < (plan.idle_conns as u64) * 2 + 200 {
+        let n = (nofile.saturating_sub(200) / 2) as usize;
         notes.push(format!(
             "W3: {n} connections instead of {}: the fd limit is {nofile}",
             plan.idle_conns

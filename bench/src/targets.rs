@@ -322,7 +322,7 @@ fn haproxy_conf(addr: SocketAddr, origin: SocketAddr) -> String {
         "global
     # HAProxy raises its fd limit to about twice maxconn; keep it within
     # what an unprivileged hard limit (often 20000) allows.
-    maxconn 9800
+    maxconn 9950
 defaults
     mode http
     timeout connect 5s
