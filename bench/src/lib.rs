@@ -89,7 +89,7 @@ impl Plan {
                 bulk_bytes: 1 << 30,
                 echo_conns: vec![1, 100, 1000],
                 echo_sizes: vec![64, 1024, 16384],
-                echo_time: Duration::from_secs(2),
+                echo_time: Duration::from_millis(1500),
                 idle_conns: 10_000,
                 idle_time: Duration::from_secs(5),
                 hs_par: 50,
