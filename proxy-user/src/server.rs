@@ -135,8 +135,10 @@ fn bind(addr: SocketAddr, bound: u64) -> std::io::Result<std::net::TcpListener> 
     )?;
     s.set_reuse_address(true)?;
     s.set_nonblocking(true)?;
-    // Accepted sockets inherit the buffer sizes, and with them the window scale.
+    // Accepted sockets inherit the buffer sizes (and with them the window
+    // scale) and TCP_NODELAY: no per-connection setsockopt for either.
     crate::sockopt::bound_buffers(s.as_fd(), bound);
+    s.set_nodelay(true)?;
     s.bind(&addr.into())?;
     s.listen(4096)?;
     Ok(s.into())
@@ -145,7 +147,6 @@ async fn accept_loop(tl: TcpListener, ctx: Arc<ListenerCtx>) {
     loop {
         match tl.accept().await {
             Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
                 tokio::spawn(lifecycle::serve_client(stream, peer, ctx.clone()));
             }
             Err(e) => {
