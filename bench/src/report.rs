@@ -365,40 +365,58 @@ pub fn write(
             .collect()
     };
     let bulk_cases = ["one way".to_string(), "both ways".to_string()];
-    chart::bars(
-        &opts.out.join(format!("{stem}-w1.svg")),
-        "W1 bulk, one connection",
-        "Gbit/s",
-        &bulk_cases,
-        &series(Workload::Bulk, &bulk_cases, "gbps"),
-    )?;
-    chart::bars(
-        &opts.out.join(format!("{stem}-w2.svg")),
-        "W2 echo, messages per second (connections x size)",
-        "messages/s",
-        &echo_cases,
-        &series(Workload::Echo, &echo_cases, "msgs"),
-    )?;
     let idle = [idle_case.clone()];
-    chart::bars(
-        &opts.out.join(format!("{stem}-w3.svg")),
-        "W3 many idle: proxy RSS per connection",
-        "bytes per connection",
-        &idle,
-        &series(Workload::Idle, &idle, "rss"),
-    )?;
     let hs = [hs_case.clone()];
-    chart::bars(
-        &opts.out.join(format!("{stem}-w4.svg")),
-        "W4 new WebSocket sessions per second",
-        "sessions/s",
-        &hs,
-        &series(Workload::Handshake, &hs, "rate"),
-    )?;
+    let charts: [ChartSpec; 4] = [
+        (
+            "w1",
+            "W1 bulk, one connection",
+            "Gbit/s",
+            Workload::Bulk,
+            &bulk_cases,
+            "gbps",
+        ),
+        (
+            "w2",
+            "W2 echo, messages per second (connections x size)",
+            "messages/s",
+            Workload::Echo,
+            &echo_cases,
+            "msgs",
+        ),
+        (
+            "w3",
+            "W3 many idle: proxy RSS per connection",
+            "bytes per connection",
+            Workload::Idle,
+            &idle,
+            "rss",
+        ),
+        (
+            "w4",
+            "W4 new WebSocket sessions per second",
+            "sessions/s",
+            Workload::Handshake,
+            &hs,
+            "rate",
+        ),
+    ];
+    for (id, title, unit, w, cases, metric) in charts {
+        chart::bars(
+            &opts.out.join(format!("{stem}-{id}.svg")),
+            title,
+            unit,
+            cases,
+            &series(w, cases, metric),
+        )?;
+    }
     let path = opts.out.join(format!("{stem}.md"));
     std::fs::write(&path, &md).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(md)
 }
+
+/// A chart: file id, title, unit, workload, cases, metric.
+type ChartSpec<'a> = (&'a str, &'a str, &'a str, Workload, &'a [String], &'a str);
 
 type Check<'a> = (String, &'static str, Box<dyn Fn(&str) -> String + 'a>);
 
