@@ -10,8 +10,8 @@
 //! matched or beat `uring` on every workload here (bulk, echo, idle,
 //! handshakes), after the thread-per-core and scratch-buffer changes. It
 //! still probes io_uring and says in its log line whether it is available.
-//! `sockmap` measured no faster here (and much slower on handshakes);
-//! choose it explicitly. A connection that cannot join the chosen path falls back to
+//! `sockmap` cannot apply backpressure (see its module docs); choose it
+//! explicitly. A connection that cannot join the chosen path falls back to
 //! the next (sockmap, then uring, then userspace).
 
 mod shared_map;
@@ -164,12 +164,8 @@ impl DataPaths {
     pub fn start(choice: DataPathChoice, limits: &Limits) -> Result<DataPaths, String> {
         let sockmap = if choice == DataPathChoice::Sockmap {
             Some(
-                sockmap::Sockmap::load(
-                    limits.max_buffer_per_direction,
-                    limits.sockmap_max_queued,
-                    limits.sockmap_max_connections,
-                )
-                .map_err(|e| format!("datapath sockmap is not available: {e}"))?,
+                sockmap::Sockmap::load(limits.sockmap_max_queued, limits.sockmap_max_connections)
+                    .map_err(|e| format!("datapath sockmap is not available: {e}"))?,
             )
         } else {
             None
@@ -195,7 +191,7 @@ impl DataPaths {
                     DataPath::Userspace,
                     format!(
                         "auto: userspace measured fastest (cargo xtask bench); io_uring \
-                         {uring_state}, opt-in; sockmap opt-in (measured slower)"
+                         {uring_state}, opt-in; sockmap opt-in (no backpressure)"
                     ),
                 )
             }

@@ -15,21 +15,19 @@
 //!    maps, `SO_RCVLOWAT` makes TCP call `sk_data_ready` once, so skbs that
 //!    arrived in between go through the verdict at once, in order, instead of
 //!    waiting for the next segment.
-//! 2. **Backpressure.** The verdict counts what it redirects per direction
-//!    and asks user space to look every quarter of the soft bound (half of
-//!    `limits.max_buffer_per_direction`). If the target's receiver has
-//!    acknowledged less than that bound behind, the direction leaves the
-//!    verdict's map for good: its bytes then stay in the source's receive
-//!    queue, TCP's window holds the sender back, and user space relays the
-//!    rest once every redirected byte has entered the target's send queue
-//!    (the same fence as for FIN), so the order holds. The direction does
-//!    not come back to the kernel: on Linux 6.18, putting a socket back into
-//!    the map (and every other way tried to pause a direction: passing skbs
-//!    to its own queue, clamping its window) returned stale bytes in short
-//!    runs under the bulk test; leaving for good stayed byte-exact. As a
-//!    last resort the verdict enforces a hard limit
-//!    (`limits.sockmap_max_queued`) and the pair is reset if user space
-//!    could not react before it.
+//! 2. **Backpressure: not solved on this path.** The verdict redirects
+//!    every skb, and nothing else was found to hold a sender back without
+//!    corrupting bytes on Linux 6.18: passing over-credit skbs to the
+//!    socket's own queue and reading them back, taking the source out of the
+//!    map and putting it back, and even clamping its TCP window each
+//!    returned stale bytes in short runs under the bulk test, while plain
+//!    redirection stayed byte-exact. So a direction whose receiver falls
+//!    more than `limits.sockmap_max_queued` behind is reset, with a log line,
+//!    instead of filling the host's memory. `auto` does not pick this path.
+//!    Taking a slow source out of the map for good (relaying the rest in
+//!    user space) was tried too: an skb that `tcp_read_skb` takes just as
+//!    the program is detached finds no program, and `sk_psock_verdict_recv`
+//!    drops it (64 KiB lost once, in the messages test).
 //! 3. **Half-close.** On FIN from the source, user space waits until every
 //!    redirected byte has entered the target's send queue
 //!    (`bytes_acked + SIOCOUTQ` of the target) and only then shuts the target
@@ -133,7 +131,6 @@ pub struct Sockmap {
     registry: Mutex<StdHashMap<u64, (Arc<Signal>, usize)>>,
     epoll: OwnedFd,
     valve: u64,
-    soft: u64,
     max_connections: u32,
     /// Keeps the program attached for the life of the process.
     _ebpf: Mutex<Ebpf>,
@@ -145,12 +142,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Sockmap {
     /// Loads and attaches the verdict program and starts the monitor tasks.
-    /// `soft` is the per-direction memory bound: a direction whose receiver
-    /// falls half of it behind moves to user space, with backpressure;
-    /// `valve` is the hard limit the kernel enforces past which the pair is
-    /// reset (only reached if user space cannot react in time).
+    /// `valve` is how far (bytes) a direction's receiver may fall behind
+    /// before its connection is reset.
     /// `max_connections` caps the pairs it carries at once (two slots each).
-    pub fn load(soft: u64, valve: u64, max_connections: u32) -> Result<Arc<Sockmap>, SockmapError> {
+    pub fn load(valve: u64, max_connections: u32) -> Result<Arc<Sockmap>, SockmapError> {
         bump_memlock();
         // Debug records from the kernel only when someone will read them.
         let level: u8 = if tracing::level_filters::LevelFilter::current()
@@ -221,9 +216,6 @@ impl Sockmap {
             registry: Mutex::new(StdHashMap::new()),
             epoll,
             valve,
-            // Half the per-direction bound: after the move to user space the
-            // source's receive buffer and the drain buffer take the rest.
-            soft: (soft / 2).min(valve / 2).max(1 << 16),
             max_connections,
             _ebpf: Mutex::new(ebpf),
         });
@@ -348,8 +340,8 @@ impl Sockmap {
         let signal = Arc::new(Signal::default());
         // Direction 0: client -> origin (source 0), direction 1: origin -> client.
         let mut dirs = [
-            Dir::new(0, cookies, base[1], self.soft, self.valve),
-            Dir::new(1, cookies, base[0], self.soft, self.valve),
+            Dir::new(0, cookies, base[1], self.valve),
+            Dir::new(1, cookies, base[0], self.valve),
         ];
         {
             let mut reg = lock(&self.registry);
@@ -367,7 +359,7 @@ impl Sockmap {
                     d.slot,
                     &DirCtl {
                         peer_cookie: d.peer,
-                        refill_at: d.mark(),
+                        refill_at: d.valve / 8,
                         limit: d.valve,
                     },
                 );
@@ -560,9 +552,6 @@ struct Dir {
     /// Bytes that may sit between the source and `dst`'s receiver before
     /// the connection is reset.
     valve: u64,
-    /// Bytes that may sit between the source and `dst`'s receiver before
-    /// the direction moves to user space.
-    soft: u64,
     /// Bytes user space wrote to `dst` since the hand-off.
     user_written: u64,
     /// The verdict's count, as last read.
@@ -582,7 +571,7 @@ struct Dir {
 }
 
 impl Dir {
-    fn new(src: usize, cookies: [u64; 2], base_dst: u64, soft: u64, valve: u64) -> Dir {
+    fn new(src: usize, cookies: [u64; 2], base_dst: u64, valve: u64) -> Dir {
         Dir {
             src,
             dst: 1 - src,
@@ -591,7 +580,6 @@ impl Dir {
             slot: NO_SLOT,
             base_dst,
             valve,
-            soft,
             user_written: 0,
             redirected: 0,
             limit: valve,
@@ -605,12 +593,6 @@ impl Dir {
         }
     }
 
-    /// Where the verdict next asks user space to look: a quarter of the soft
-    /// bound on, so a slow receiver is noticed before it is a bound behind.
-    fn mark(&self) -> u64 {
-        self.redirected + self.soft / 4
-    }
-
     /// Needs another look soon without an event to prompt it.
     fn busy(&self) -> bool {
         !self.pending.is_empty() || self.waiting || (self.fin_seen && !self.done)
@@ -621,11 +603,10 @@ impl Dir {
         self.base_dst + self.redirected + self.user_written
     }
 
-    /// At a mark: if `dst`'s receiver is behind by more than the soft bound,
-    /// move this direction to user space (backpressure); past the hard valve
-    /// (user space was too late), give up on the connection. Else move the
-    /// kernel's hard limit on to a valve past what the receiver
-    /// acknowledged, and set the next mark.
+    /// At a mark: if `dst`'s receiver is behind by more than the valve,
+    /// give up on the connection (the kernel path cannot hold the sender
+    /// back); else move the kernel's hard limit on to a valve past what the
+    /// receiver acknowledged, and set the next mark.
     fn check_valve(&mut self, sm: &Sockmap, fds: &[std::net::TcpStream; 2]) -> Result<(), Side> {
         self.redirected = sm.stats.load(self.slot).redirected;
         let acked = sockopt::tcp_info(fds[self.dst].as_fd())
@@ -635,10 +616,6 @@ impl Dir {
         if in_flight > self.valve {
             return Err(self.overrun());
         }
-        if in_flight > self.soft {
-            // The receiver is slow: hold the sender back from now on.
-            return self.demote(sm, fds, in_flight);
-        }
         self.limit = self
             .limit
             .max((acked + self.valve).saturating_sub(self.base_dst + self.user_written));
@@ -646,44 +623,9 @@ impl Dir {
             self.slot,
             &DirCtl {
                 peer_cookie: self.peer,
-                refill_at: self.mark(),
+                refill_at: self.redirected + self.valve / 8,
                 limit: self.limit,
             },
-        );
-        Ok(())
-    }
-
-    /// Takes the source out of the verdict's map for good: the kernel stops
-    /// taking its bytes, they stay in its receive queue, and TCP's window
-    /// holds the sender back. User space relays the rest of this direction
-    /// (`pump`), after everything already redirected has entered `dst`'s
-    /// send queue, so the order holds.
-    fn demote(
-        &mut self,
-        sm: &Sockmap,
-        fds: &[std::net::TcpStream; 2],
-        in_flight: u64,
-    ) -> Result<(), Side> {
-        if let Err(e) = lock(&sm.maps).socks.remove(&self.cookie) {
-            tracing::warn!(
-                "cannot take the {} socket out of the sockhash: {e}",
-                side_name(self.src)
-            );
-            return Err(side_of(self.src));
-        }
-        self.active = false;
-        let _ = sm.epoll_ctl(
-            libc::EPOLL_CTL_MOD,
-            fds[self.src].as_fd(),
-            self.cookie,
-            true,
-        );
-        tracing::info!(
-            "{} -> {}: receiver {} bytes behind (half of limits.max_buffer_per_direction); \
-             this direction continues in user space, with backpressure",
-            side_name(self.src),
-            side_name(self.dst),
-            in_flight
         );
         Ok(())
     }
