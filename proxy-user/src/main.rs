@@ -30,10 +30,11 @@ struct Cli {
 }
 
 fn main() -> Result<()> {
-    // glibc gives every thread that allocates its own arena; with tokio's
-    // work stealing, memory freed on another thread stays scattered across
-    // them and RSS drifts by megabytes. No byte path allocates (the relays
-    // reuse their buffers), so one arena costs nothing and keeps RSS flat.
+    // glibc gives every thread that allocates its own arena (workers, the
+    // uring and log threads); memory freed on one thread stays scattered
+    // across them and RSS drifts by megabytes. The byte paths allocate
+    // rarely (they reuse their buffers), so one arena costs little and keeps
+    // RSS flat.
     // Nor does it hand the heap top back after every burst only to grow it
     // again on the next: keep up to 16 MiB of it.
     // SAFETY: mallopt before any other thread exists.

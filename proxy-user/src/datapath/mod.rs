@@ -6,9 +6,10 @@
 //! | `uring` | Linux 5.11+, io_uring not disabled | one io_uring thread, read/write per direction |
 //! | `userspace` | anything | tokio, one buffer per direction |
 //!
-//! `auto` takes `userspace`: in `cargo xtask bench` (bench/results/) it
-//! matched or beat `uring` on every workload here (bulk, echo, idle,
-//! handshakes), after the thread-per-core and scratch-buffer changes. It
+//! `auto` takes `userspace`: in `cargo xtask bench` (bench/results/) it beat
+//! `uring` on throughput in every workload here (bulk, every echo case,
+//! handshakes) and on idle memory; uring's added p99 was lower in some echo
+//! cases. It
 //! still probes io_uring and says in its log line whether it is available.
 //! `sockmap` cannot apply backpressure (see its module docs); choose it
 //! explicitly. A connection that cannot join the chosen path falls back to

@@ -27,8 +27,9 @@ thread_local! {
 enum Step {
     /// The source sent FIN.
     Eof,
-    /// Bytes read and written at once; the rest are in `pending`.
-    Moved(usize),
+    /// Bytes written at once (the rest are in `pending`), and whether the
+    /// read filled the scratch buffer (more is likely waiting).
+    Moved(usize, bool),
     /// Not readable after all.
     Again,
 }
@@ -124,11 +125,17 @@ async fn pump(
     }
     drop(ahead);
     let mut pending: Vec<u8> = Vec::new();
+    // The last read filled the scratch buffer: a bulk transfer is under way.
+    let mut streaming = false;
     loop {
         if !pending.is_empty() {
             write_all(w, &pending).await.map_err(|_| dst)?;
             acct.add(to_origin, pending.len() as u64);
-            // Drop the buffer: an idle connection should hold none.
+            pending.clear();
+        }
+        if !streaming {
+            // About to wait for data: an idle connection holds no buffer.
+            // A bulk transfer keeps it instead of allocating on every round.
             pending = Vec::new();
         }
         read_ready(r).await.map_err(|_| src)?;
@@ -149,7 +156,7 @@ async fn pump(
                 }
             }
             pending.extend_from_slice(&b[off..n]);
-            Ok(Step::Moved(off))
+            Ok(Step::Moved(off, n == b.len()))
         })?;
         match step {
             Step::Eof => {
@@ -159,8 +166,11 @@ async fn pump(
                 let _ = sockopt::shutdown_write(w.as_fd());
                 return Ok(());
             }
-            Step::Moved(n) => acct.add(to_origin, n as u64),
-            Step::Again => {}
+            Step::Moved(n, full) => {
+                acct.add(to_origin, n as u64);
+                streaming = full;
+            }
+            Step::Again => streaming = false,
         }
     }
 }
