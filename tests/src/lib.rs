@@ -37,6 +37,14 @@ pub enum Mode {
 }
 
 impl Mode {
+    /// The mode's name in `SLUICE_TEST_MODES`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Unprivileged => "unprivileged",
+            m => m.flag(),
+        }
+    }
+
     /// The `--datapath` value.
     pub fn flag(self) -> &'static str {
         match self {
@@ -55,14 +63,35 @@ pub fn is_root() -> bool {
 }
 
 /// The modes this run covers; prints why any is skipped.
+/// `SLUICE_TEST_MODES=sockmap,uring` narrows a development run (say, to
+/// repeat one path's tests); CI never sets it.
 pub fn modes() -> Vec<Mode> {
-    if is_root() {
-        return vec![
+    let all = if is_root() {
+        vec![
             Mode::Sockmap,
             Mode::Uring,
             Mode::Userspace,
             Mode::Unprivileged,
-        ];
+        ]
+    } else {
+        Vec::new()
+    };
+    if let Ok(only) = std::env::var("SLUICE_TEST_MODES") {
+        let picked: Vec<Mode> = all
+            .into_iter()
+            .chain([Mode::Uring, Mode::Userspace, Mode::Unprivileged])
+            .filter(|m| only.split(',').any(|w| w.trim() == m.name()))
+            .fold(Vec::new(), |mut v, m| {
+                if !v.contains(&m) {
+                    v.push(m);
+                }
+                v
+            });
+        eprintln!("SLUICE_TEST_MODES={only}: running only {picked:?}");
+        return picked;
+    }
+    if !all.is_empty() {
+        return all;
     }
     eprintln!(
         "SKIP sockmap mode: not running as root, so eBPF cannot load; \

@@ -27,7 +27,12 @@
 //!    Taking a slow source out of the map for good (relaying the rest in
 //!    user space) was tried too: an skb that `tcp_read_skb` takes just as
 //!    the program is detached finds no program, and `sk_psock_verdict_recv`
-//!    drops it (64 KiB lost once, in the messages test).
+//!    drops it (64 KiB lost once, in the messages test). Holding new
+//!    segments in the queue with a high `SO_RCVLOWAT` while detaching made
+//!    it worse: an exact count (`tcpi_bytes_received - SIOCINQ` against
+//!    the verdict's redirected bytes, across the detach) found the skbs
+//!    queued at that moment consumed and not redirected (64–192 KiB, in 4
+//!    of 4 runs). So no detach is safe while the peer is sending.
 //! 3. **Half-close.** On FIN from the source, user space waits until every
 //!    redirected byte has entered the target's send queue
 //!    (`bytes_acked + SIOCOUTQ` of the target) and only then shuts the target
