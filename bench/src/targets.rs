@@ -157,6 +157,9 @@ impl Target {
                 c.args(["--listen", &addr.to_string()])
                     .args(["--origin", &origin.to_string()])
                     .args(["--datapath", path]);
+                if std::env::var_os("SLUICE_BENCH_REUSE_PORT").is_some() {
+                    c.arg("--reuse-port");
+                }
                 c
             }
             Kind::Nginx => {

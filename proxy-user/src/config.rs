@@ -17,6 +17,7 @@
 //! [[listeners]]
 //! listen = "127.0.0.1:8080"
 //! origin = "127.0.0.1:9000"
+//! reuse_port = false           # one SO_REUSEPORT socket per worker (opt-in)
 //! ```
 //!
 //! A listener names one origin today; routes and origin pools will hang off
@@ -154,6 +155,12 @@ pub struct Listener {
     pub listen: SocketAddr,
     /// The origin (host:port) that receives the sessions.
     pub origin: SocketAddr,
+    /// One `SO_REUSEPORT` socket per worker (like nginx's `reuseport`):
+    /// the kernel spreads new connections by hash and wakes only that
+    /// worker. Off by default, because then a second daemon on the same
+    /// port (same user) binds without an error and takes half the traffic.
+    #[serde(default)]
+    pub reuse_port: bool,
 }
 
 impl Default for Config {
@@ -167,6 +174,7 @@ impl Default for Config {
             listeners: vec![Listener {
                 listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
                 origin: SocketAddr::from(([127, 0, 0, 1], 9000)),
+                reuse_port: false,
             }],
         }
     }
@@ -301,6 +309,7 @@ origin_connect_ms = 100
 [[listeners]]
 listen = "127.0.0.1:1"
 origin = "127.0.0.1:2"
+reuse_port = true
 "#,
             Path::new("t.toml"),
         )
@@ -310,6 +319,8 @@ origin = "127.0.0.1:2"
         assert_eq!(cfg.timeouts.origin_connect_ms, 100);
         assert_eq!(cfg.timeouts.origin_response_ms, 10_000);
         assert_eq!(cfg.listeners[0].origin.port(), 2);
+        assert!(cfg.listeners[0].reuse_port);
+        assert!(!Config::default().listeners[0].reuse_port);
     }
 
     #[test]

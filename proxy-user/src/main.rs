@@ -21,6 +21,10 @@ struct Cli {
     /// Origin host:port that receives the WebSocket sessions.
     #[arg(long, requires = "listen")]
     origin: Option<SocketAddr>,
+    /// With --listen: one SO_REUSEPORT socket per worker (see the config
+    /// key `reuse_port`).
+    #[arg(long, requires = "listen")]
+    reuse_port: bool,
     /// Data path after the 101 (overrides the config file).
     #[arg(long, value_enum)]
     datapath: Option<DataPathChoice>,
@@ -71,7 +75,11 @@ fn main() -> Result<()> {
         None => Config::default(),
     };
     if let (Some(listen), Some(origin)) = (cli.listen, cli.origin) {
-        cfg.listeners = vec![Listener { listen, origin }];
+        cfg.listeners = vec![Listener {
+            listen,
+            origin,
+            reuse_port: cli.reuse_port,
+        }];
     }
     if let Some(d) = cli.datapath {
         cfg.datapath = d;

@@ -32,9 +32,12 @@ pub enum ServerError {
 /// Thread per core: each worker thread runs its own single-threaded runtime
 /// and accepts on its own handle of every listening socket, so whichever
 /// worker is free takes the next connection, and a connection's tasks never
-/// move between threads. (`SO_REUSEPORT` would spread by hash instead, and
-/// would let a second daemon bind the same port without an error.) The
-/// calling runtime keeps the data paths' monitors.
+/// move between threads. Every worker is woken for each connection and all
+/// but one find nothing to accept. A listener with `reuse_port` instead
+/// gives each worker its own `SO_REUSEPORT` socket: the kernel spreads by
+/// hash and wakes one worker, but a second daemon could then bind the same
+/// port without an error, so it is opt-in. The calling runtime keeps the
+/// data paths' monitors.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
     let cfg = Arc::new(cfg);
     let paths =
@@ -50,7 +53,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             addr: l.listen,
             source,
         };
-        let tl = bind(l.listen, cfg.limits.max_buffer_per_direction).map_err(bind_err)?;
+        let tl =
+            bind(l.listen, cfg.limits.max_buffer_per_direction, l.reuse_port).map_err(bind_err)?;
         let ctx = Arc::new(ListenerCtx {
             cfg: cfg.clone(),
             origin: l.origin,
@@ -62,7 +66,15 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     for _ in 1..workers {
         let mut set = Vec::new();
         for ((tl, ctx), l) in per_worker[0].iter().zip(&cfg.listeners) {
-            let copy = tl.try_clone().map_err(|source| ServerError::Bind {
+            let copy = if l.reuse_port {
+                // Its own socket in the same reuseport group: the address is
+                // the one the first socket got (port 0 resolved).
+                tl.local_addr()
+                    .and_then(|a| bind(a, cfg.limits.max_buffer_per_direction, true))
+            } else {
+                tl.try_clone()
+            }
+            .map_err(|source| ServerError::Bind {
                 addr: l.listen,
                 source,
             })?;
@@ -127,13 +139,16 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     Ok(())
 }
 
-fn bind(addr: SocketAddr, bound: u64) -> std::io::Result<std::net::TcpListener> {
+fn bind(addr: SocketAddr, bound: u64, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
     let s = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
         Some(socket2::Protocol::TCP),
     )?;
     s.set_reuse_address(true)?;
+    if reuse_port {
+        s.set_reuse_port(true)?;
+    }
     s.set_nonblocking(true)?;
     // Accepted sockets inherit the buffer sizes (and with them the window
     // scale) and TCP_NODELAY: no per-connection setsockopt for either.
@@ -155,5 +170,30 @@ async fn accept_loop(tl: TcpListener, ctx: Arc<ListenerCtx>) {
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bind;
+
+    #[test]
+    fn a_second_bind_fails_unless_both_reuse_the_port() {
+        let first = bind("127.0.0.1:0".parse().unwrap(), 1 << 20, false).unwrap();
+        let addr = first.local_addr().unwrap();
+        let err = bind(addr, 1 << 20, false).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+
+        let a = bind("127.0.0.1:0".parse().unwrap(), 1 << 20, true).unwrap();
+        let addr = a.local_addr().unwrap();
+        let b = bind(addr, 1 << 20, true).expect("a reuseport group takes a second socket");
+        assert_eq!(b.local_addr().unwrap(), addr);
+        // One socket of the group still accepts: connect and take it.
+        drop(b);
+        a.set_nonblocking(false).unwrap();
+        let c = std::net::TcpStream::connect(addr).unwrap();
+        let (s, peer) = a.accept().unwrap();
+        assert_eq!(peer, c.local_addr().unwrap());
+        drop(s);
     }
 }
