@@ -66,38 +66,20 @@ pub fn is_root() -> bool {
 /// `SLUICE_TEST_MODES=sockmap,uring` narrows a development run (say, to
 /// repeat one path's tests); CI never sets it.
 pub fn modes() -> Vec<Mode> {
-    let all = if is_root() {
-        vec![
-            Mode::Sockmap,
-            Mode::Uring,
-            Mode::Userspace,
-            Mode::Unprivileged,
-        ]
+    let mut all = vec![Mode::Uring, Mode::Userspace, Mode::Unprivileged];
+    if is_root() {
+        all.insert(0, Mode::Sockmap);
     } else {
-        Vec::new()
-    };
+        eprintln!(
+            "SKIP sockmap mode: not running as root, so eBPF cannot load; \
+             CI runs as root and covers it. The unprivileged mode runs as the current user."
+        );
+    }
     if let Ok(only) = std::env::var("SLUICE_TEST_MODES") {
-        let picked: Vec<Mode> = all
-            .into_iter()
-            .chain([Mode::Uring, Mode::Userspace, Mode::Unprivileged])
-            .filter(|m| only.split(',').any(|w| w.trim() == m.name()))
-            .fold(Vec::new(), |mut v, m| {
-                if !v.contains(&m) {
-                    v.push(m);
-                }
-                v
-            });
-        eprintln!("SLUICE_TEST_MODES={only}: running only {picked:?}");
-        return picked;
+        all.retain(|m| only.split(',').any(|w| w.trim() == m.name()));
+        eprintln!("SLUICE_TEST_MODES={only}: running only {all:?}");
     }
-    if !all.is_empty() {
-        return all;
-    }
-    eprintln!(
-        "SKIP sockmap mode: not running as root, so eBPF cannot load; \
-         CI runs as root and covers it. The unprivileged mode runs as the current user."
-    );
-    vec![Mode::Uring, Mode::Userspace, Mode::Unprivileged]
+    all
 }
 
 /// Path of the sluice binary: `$SLUICE_BIN`, else the workspace's release build.
