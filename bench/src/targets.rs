@@ -157,7 +157,9 @@ impl Target {
                 c.args(["--listen", &addr.to_string()])
                     .args(["--origin", &origin.to_string()])
                     .args(["--datapath", path]);
-                if std::env::var_os("SLUICE_BENCH_REUSE_PORT").is_some() {
+                // Set and not empty (`=` alone, or `=0`, leaves it off).
+                if std::env::var("SLUICE_BENCH_REUSE_PORT").is_ok_and(|v| !v.is_empty() && v != "0")
+                {
                     c.arg("--reuse-port");
                 }
                 c
