@@ -30,6 +30,29 @@ pub const MAP_STATS: &str = "STATS";
 pub const MAP_EVENTS: &str = "EVENTS";
 /// Name of the sk_skb stream_verdict program.
 pub const PROG_VERDICT: &str = "sluice_verdict";
+/// Name of the sock_ops program that takes a source out of `SOCKS` under
+/// its socket lock (see [`DETACH_REQUESTED`]).
+pub const PROG_SOCKOPS: &str = "sluice_sockops";
+/// Name of the hash map from socket cookie to a detach state
+/// ([`DETACH_REQUESTED`], [`DETACH_DONE`], [`DETACH_FAILED`]).
+pub const MAP_DETACH: &str = "DETACH";
+/// Name of the one-element array holding the daemon's process id (tgid):
+/// the sock_ops program arms only the sockets this process connects.
+pub const MAP_OWNER: &str = "OWNER";
+/// Name of the hash map of the daemon's listening ports (host byte order):
+/// the sock_ops program arms only the sockets accepted on them.
+pub const MAP_PORTS: &str = "PORTS";
+
+/// User space asks for the source to leave `SOCKS`. The sock_ops program
+/// does it the next time TCP computes the socket's MSS with the socket
+/// locked outside the verdict's read loop; user space forces that moment
+/// with a zero-length `send`. Deleting from user space instead races with
+/// `tcp_read_skb`: skbs it takes after the program is gone are dropped.
+pub const DETACH_REQUESTED: u32 = 1;
+/// The sock_ops program took the source out of `SOCKS`.
+pub const DETACH_DONE: u32 = 2;
+/// The delete failed (the socket was not in `SOCKS`).
+pub const DETACH_FAILED: u32 = 3;
 
 /// Slots, and so directions (two per relayed pair), the maps can hold.
 pub const MAX_SOCKETS: u32 = 65_536;

@@ -1,4 +1,5 @@
-//! Sluice's kernel data path: one `sk_skb/stream_verdict` program.
+//! Sluice's kernel data path: an `sk_skb/stream_verdict` program that
+//! relays, and a `sock_ops` program that takes a slow source out of it.
 //!
 //! Sockets whose incoming bytes the kernel relays sit in `SOCKS`, which
 //! carries this program; every socket of a relayed pair also sits in
@@ -16,16 +17,22 @@
 
 use aya_ebpf::{
     bindings::{
+        _bindgen_ty_34::BPF_WRITE_HDR_TCP_CURRENT_MSS,
         sk_action::{SK_DROP, SK_PASS},
-        BPF_F_MMAPABLE,
+        BPF_F_MMAPABLE, BPF_SOCK_OPS_HDR_OPT_LEN_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG,
     },
-    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns},
-    macros::{map, stream_verdict},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_map_delete_elem,
+    },
+    macros::{map, sock_ops, stream_verdict},
     maps::{Array, HashMap, RingBuf, SockHash},
-    programs::SkBuffContext,
+    programs::{SkBuffContext, SockOpsContext},
 };
 use aya_log_ebpf::{debug, warn};
-use proxy_common::{DirCtl, DirStats, Event, EventKind, MAX_SOCKETS};
+use proxy_common::{
+    DirCtl, DirStats, Event, EventKind, DETACH_DONE, DETACH_FAILED, DETACH_REQUESTED, MAX_SOCKETS,
+};
 
 #[map(name = "SOCKS")]
 static SOCKS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
@@ -45,6 +52,15 @@ static STATS: Array<DirStats> = Array::with_max_entries(MAX_SOCKETS, BPF_F_MMAPA
 #[map(name = "EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
+#[map(name = "DETACH")]
+static DETACH: HashMap<u64, u32> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+
+#[map(name = "OWNER")]
+static OWNER: Array<u32> = Array::with_max_entries(1, 0);
+
+#[map(name = "PORTS")]
+static PORTS: HashMap<u32, u8> = HashMap::with_max_entries(256, 0);
+
 #[stream_verdict]
 pub fn sluice_verdict(ctx: SkBuffContext) -> u32 {
     // SAFETY: the helper only reads the skb's socket.
@@ -57,7 +73,7 @@ pub fn sluice_verdict(ctx: SkBuffContext) -> u32 {
         return SK_DROP;
     }
     // SAFETY: a plain u32 value, copied out at once.
-    let Some(&slot) = (unsafe { SLOTS.get(&cookie) }) else {
+    let Some(&slot) = (unsafe { SLOTS.get(cookie) }) else {
         return SK_PASS;
     };
     let Some(ctl) = CTL.get_ptr(slot) else {
@@ -96,7 +112,10 @@ pub fn sluice_verdict(ctx: SkBuffContext) -> u32 {
         // The peer left TARGETS (the pair is closing). Passing keeps the
         // bytes; user space reads them back at close.
         st.redirect_errors += 1;
-        warn!(&ctx, "sluice: socket {} has no peer {} to redirect to", cookie, peer);
+        warn!(
+            &ctx,
+            "sluice: socket {} has no peer {} to redirect to", cookie, peer
+        );
         notify(cookie, EventKind::RedirectFailed);
         return SK_PASS;
     }
@@ -107,6 +126,61 @@ pub fn sluice_verdict(ctx: SkBuffContext) -> u32 {
         notify(cookie, EventKind::Refill);
     }
     SK_PASS
+}
+
+/// Arms the daemon's own sockets for the header-option callback, and in it
+/// takes a source out of `SOCKS` when user space asked.
+///
+/// `BPF_SOCK_OPS_HDR_OPT_LEN_CB` runs with the socket locked, and with
+/// `BPF_WRITE_HDR_TCP_CURRENT_MSS` it comes from `tcp_current_mss`, which TCP
+/// never calls inside `tcp_read_skb`'s loop (that loop only sends ACKs, which
+/// carry an skb). So no verdict run is under way on this socket, none starts
+/// until the lock is released, and after it `sk_data_ready` is TCP's own:
+/// every byte is either redirected or left in the receive queue. User space
+/// brings the callback about with a zero-length `send` on the source.
+#[sock_ops]
+pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => {
+            // In connect(2), so `current` is the connecting process.
+            let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+            if OWNER.get(0).copied() == Some(tgid) {
+                arm(&ctx);
+            }
+        }
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            // SAFETY: a plain u8 value, copied out at once.
+            if unsafe { PORTS.get(ctx.local_port()) }.is_some() {
+                arm(&ctx);
+            }
+        }
+        BPF_SOCK_OPS_HDR_OPT_LEN_CB if ctx.arg(0) == BPF_WRITE_HDR_TCP_CURRENT_MSS => {
+            // SAFETY: the helper only reads the context's socket.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+            // SAFETY: a plain u32 value, copied out at once.
+            if unsafe { DETACH.get(cookie) }.copied() == Some(DETACH_REQUESTED) {
+                // SAFETY: SOCKS is a map definition and the key a valid u64.
+                let r = unsafe {
+                    bpf_map_delete_elem(
+                        (&raw const SOCKS).cast_mut().cast(),
+                        (&raw const cookie).cast(),
+                    )
+                };
+                let state = if r == 0 { DETACH_DONE } else { DETACH_FAILED };
+                let _ = DETACH.insert(cookie, state, 0);
+            }
+        }
+        _ => {}
+    }
+    1
+}
+
+#[inline(always)]
+fn arm(ctx: &SockOpsContext) {
+    let flags = ctx.cb_flags() | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG;
+    // Without the flag the socket cannot be detached safely; user space
+    // sees the request fail and keeps the kernel's hard limit.
+    let _ = ctx.set_cb_flags(flags as i32);
 }
 
 #[inline(always)]

@@ -6,7 +6,7 @@
 //!
 //! [limits]
 //! max_buffer_per_direction = 8388608   # bytes held in the proxy per direction
-//! sockmap_max_queued = 268435456       # sockmap: reset a direction this far behind
+//! sockmap_max_queued = 268435456       # sockmap: hard limit (reset) if user space is too late
 //! sockmap_max_connections = 32768      # sockmap: more connections fall back to uring
 //!
 //! [timeouts]
@@ -89,11 +89,13 @@ pub struct Config {
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Upper bound of bytes the proxy holds for one direction of one
-    /// connection in its socket buffers and user buffers (uring and
-    /// userspace paths apply backpressure to stay within it).
+    /// connection in its socket buffers and user buffers. Every path applies
+    /// backpressure to stay within it; on sockmap, a direction whose
+    /// receiver falls half of it behind moves to user space.
     pub max_buffer_per_direction: u64,
-    /// On the sockmap path, which cannot hold a sender back: how far a
-    /// direction's receiver may fall behind before the connection is reset.
+    /// On the sockmap path, the last resort: the kernel drops past this many
+    /// bytes behind the receiver and the pair is reset (only if user space
+    /// could not move the direction in time).
     pub sockmap_max_queued: u64,
     /// How many connections the sockmap path carries at once; the next ones
     /// fall back to the next path (uring, then userspace), with a log line.

@@ -142,16 +142,7 @@ async fn a_flooding_client_is_held_to_the_bound_on_every_path() {
         direct.received as f64 / 1e6
     );
     for mode in modes() {
-        let s = if mode == Mode::Sockmap {
-            Sluice::start_config(mode, |a| {
-                format!(
-                    "[limits]\nsockmap_max_queued = {BOUND}\n\
-                     [[listeners]]\nlisten = \"{a}\"\norigin = \"{oa}\"\n"
-                )
-            })
-        } else {
-            Sluice::start(mode, oa)
-        };
+        let s = Sluice::start(mode, oa);
         let p = push(s.addr, &l, Some(s.pid()), true).await;
         let extra_host = p.host.saturating_sub(direct.host);
         let extra_tcp = p.tcp.saturating_sub(direct.tcp);
@@ -166,30 +157,18 @@ async fn a_flooding_client_is_held_to_the_bound_on_every_path() {
             p.received as f64 / 1e6
         );
         if mode == Mode::Sockmap {
-            // No backpressure on this path: the kernel enforces the valve
-            // (drops past it) and the pair is reset. What the proxy took in
-            // is exact: at most the valve plus one skb.
-            let line = s.wait_log("resetting", Duration::from_secs(5));
-            assert!(line.contains("origin receiver is"), "{line}");
-            let closed = s.wait_log("closed:", Duration::from_secs(5));
-            let taken: u64 = closed
-                .split("bytes_in=")
-                .nth(1)
-                .and_then(|r| r.split_whitespace().next())
-                .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("no bytes_in in {closed}"));
-            assert!(
-                taken <= BOUND + (64 << 10),
-                "sockmap took {taken} bytes past its valve"
-            );
-        } else {
-            // The origin really read at about 1 MB/s: throttled, not stalled.
-            assert!(
-                p.received > 5_000_000,
-                "{mode:?}: origin read only {} bytes",
-                p.received
-            );
+            // The kernel relays until the receiver is half the bound behind,
+            // then the direction moves to user space, with backpressure.
+            let line = s.wait_log("continues in user space", Duration::from_secs(5));
+            assert!(line.contains("client -> origin"), "{line}");
+            assert!(!s.logs().contains("resetting"), "{}", s.logs());
         }
+        // The origin really read at about 1 MB/s: throttled, not stalled.
+        assert!(
+            p.received > 5_000_000,
+            "{mode:?}: origin read only {} bytes",
+            p.received
+        );
         // The host-wide figure only catches pile-ups (see HOST_NOISE); TCP
         // memory is attributable and is held to the bound itself.
         let allowed = BOUND + HOST_NOISE;

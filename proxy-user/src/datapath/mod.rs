@@ -11,7 +11,7 @@
 //! handshakes) and on idle memory; uring's added p99 was lower in some echo
 //! cases. It
 //! still probes io_uring and says in its log line whether it is available.
-//! `sockmap` cannot apply backpressure (see its module docs); choose it
+//! `sockmap` measured slower here (bulk, echo, handshakes); choose it
 //! explicitly. A connection that cannot join the chosen path falls back to
 //! the next (sockmap, then uring, then userspace).
 
@@ -165,8 +165,12 @@ impl DataPaths {
     pub fn start(choice: DataPathChoice, limits: &Limits) -> Result<DataPaths, String> {
         let sockmap = if choice == DataPathChoice::Sockmap {
             Some(
-                sockmap::Sockmap::load(limits.sockmap_max_queued, limits.sockmap_max_connections)
-                    .map_err(|e| format!("datapath sockmap is not available: {e}"))?,
+                sockmap::Sockmap::load(
+                    limits.max_buffer_per_direction,
+                    limits.sockmap_max_queued,
+                    limits.sockmap_max_connections,
+                )
+                .map_err(|e| format!("datapath sockmap is not available: {e}"))?,
             )
         } else {
             None
@@ -192,7 +196,7 @@ impl DataPaths {
                     DataPath::Userspace,
                     format!(
                         "auto: userspace measured fastest (cargo xtask bench); io_uring \
-                         {uring_state}, opt-in; sockmap opt-in (no backpressure)"
+                         {uring_state}, opt-in; sockmap opt-in (measured slower)"
                     ),
                 )
             }
@@ -205,6 +209,18 @@ impl DataPaths {
             sockmap,
             uring: uring.ok(),
         })
+    }
+
+    /// Tells the paths that this daemon accepts on `port` (after binding,
+    /// before accepting): the sockmap path arms those sockets so that a slow
+    /// direction can leave the kernel safely.
+    pub fn serve_port(&self, port: u16) -> Result<(), String> {
+        match &self.sockmap {
+            Some(sm) => sm
+                .serve_port(port)
+                .map_err(|e| format!("sockmap cannot watch port {port}: {e}")),
+            None => Ok(()),
+        }
     }
 
     /// Relays one connection on the primary path, falling back to the next

@@ -15,33 +15,38 @@
 //!    maps, `SO_RCVLOWAT` makes TCP call `sk_data_ready` once, so skbs that
 //!    arrived in between go through the verdict at once, in order, instead of
 //!    waiting for the next segment.
-//! 2. **Backpressure: not solved on this path.** The verdict redirects
-//!    every skb, and nothing else was found to hold a sender back without
-//!    corrupting bytes on Linux 6.18: passing over-credit skbs to the
-//!    socket's own queue and reading them back, taking the source out of the
-//!    map and putting it back, and even clamping its TCP window each
-//!    returned stale bytes in short runs under the bulk test, while plain
-//!    redirection stayed byte-exact. So a direction whose receiver falls
-//!    more than `limits.sockmap_max_queued` behind is reset, with a log line,
-//!    instead of filling the host's memory. `auto` does not pick this path.
-//!    Taking a slow source out of the map for good (relaying the rest in
-//!    user space) was tried too: an skb that `tcp_read_skb` takes just as
-//!    the program is detached finds no program, and `sk_psock_verdict_recv`
-//!    drops it (64 KiB lost once, in the messages test). Holding new
-//!    segments in the queue with a high `SO_RCVLOWAT` while detaching made
-//!    it worse: an exact count (`tcpi_bytes_received - SIOCINQ` against
-//!    the verdict's redirected bytes, across the detach) found the skbs
-//!    queued at that moment consumed and not redirected (64–192 KiB, in 4
-//!    of 4 runs). So no detach is safe while the peer is sending.
+//! 2. **Backpressure.** The verdict counts what it redirects per direction
+//!    and asks user space to look every quarter of the soft bound (half of
+//!    `limits.max_buffer_per_direction`). If the target's receiver has
+//!    acknowledged less than that bound behind, the source leaves the
+//!    verdict's map for good: its bytes then stay in its receive queue,
+//!    TCP's window holds the sender back, and user space relays the rest
+//!    once every redirected byte has entered the target's send queue (the
+//!    same fence as for FIN), so the order holds.
+//!
+//!    The detach must not race the verdict. A delete from user space can
+//!    land while `tcp_read_skb` is walking the receive queue; the skbs it
+//!    takes after that meet no program and `sk_psock_verdict_recv` drops
+//!    them (measured here: 64-192 KiB lost per detach, also with a high
+//!    `SO_RCVLOWAT` holding segments back first). So the delete is done by
+//!    the `sock_ops` program, in the header-option callback that
+//!    `tcp_current_mss` runs with the socket locked, outside that loop; user
+//!    space brings it about with a zero-length `send` on the source (Linux
+//!    5.10+ for the callback). The program is attached to the daemon's
+//!    cgroup (v2) and arms only the sockets the daemon connects or accepts
+//!    on its listeners. Passing skbs to the socket's own queue, or putting
+//!    a socket back into the map, returned stale bytes in short runs on
+//!    Linux 6.18, so a direction never returns to the kernel. As a last
+//!    resort the verdict enforces a hard limit
+//!    (`limits.sockmap_max_queued`) and the pair is reset if user space
+//!    could not react before it.
 //! 3. **Half-close.** On FIN from the source, user space waits until every
 //!    redirected byte has entered the target's send queue
 //!    (`bytes_acked + SIOCOUTQ` of the target) and only then shuts the target
 //!    down for writing. A reset on one side resets the other.
 //!
-//! The verdict never passes bytes to the socket's own queue on purpose:
-//! on this kernel, reading passed loopback skbs back returned stale bytes in
-//! short runs now and then (found by the bulk test), so passing is not used
-//! for backpressure.
+//! The verdict never passes bytes to the socket's own queue on purpose
+//! (only when a redirect fails at close).
 
 use std::collections::HashMap as StdHashMap;
 use std::io;
@@ -53,11 +58,13 @@ use std::time::Duration;
 use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf, SockHash};
 
 use super::shared_map::{SharedArray, Slots};
-use aya::programs::SkSkb;
+use aya::maps::Array as BpfArray;
+use aya::programs::{CgroupAttachMode, SkSkb, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use proxy_common::{
-    DirCtl, DirStats, Event, EventKind, MAP_CTL, MAP_EVENTS, MAP_SLOTS, MAP_SOCKS, MAP_STATS,
-    MAP_TARGETS, MAX_SOCKETS, PROG_VERDICT,
+    DirCtl, DirStats, Event, EventKind, DETACH_DONE, DETACH_REQUESTED, MAP_CTL, MAP_DETACH,
+    MAP_EVENTS, MAP_OWNER, MAP_PORTS, MAP_SLOTS, MAP_SOCKS, MAP_STATS, MAP_TARGETS, MAX_SOCKETS,
+    PROG_SOCKOPS, PROG_VERDICT,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::io::AsyncWriteExt;
@@ -73,8 +80,8 @@ pub enum SockmapError {
     /// Loading the object failed (no privileges, no BTF, verifier).
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
-    /// Loading or attaching the verdict program failed.
-    #[error("verdict program: {0}")]
+    /// Loading or attaching a program failed.
+    #[error("eBPF program: {0}")]
     Program(#[from] aya::programs::ProgramError),
     /// A map is missing or has the wrong type.
     #[error("map: {0}")]
@@ -82,6 +89,9 @@ pub enum SockmapError {
     /// The object lacks a map or program by that name.
     #[error("the eBPF object has no {0}")]
     Missing(&'static str),
+    /// No cgroup v2 hierarchy to attach the sock_ops program to.
+    #[error("cgroup v2: {0}")]
+    Cgroup(String),
     /// Every slot is in use: the connection falls back to the next path.
     #[error("all {0} sockmap connections are in use (limits.sockmap_max_connections)")]
     Full(u32),
@@ -124,6 +134,8 @@ struct Maps {
     socks: SockHash<MapData, u64>,
     targets: SockHash<MapData, u64>,
     slots: BpfHashMap<MapData, u64, u32>,
+    detach: BpfHashMap<MapData, u64, u32>,
+    ports: BpfHashMap<MapData, u32, u8>,
     free: Slots,
 }
 
@@ -136,6 +148,7 @@ pub struct Sockmap {
     registry: Mutex<StdHashMap<u64, (Arc<Signal>, usize)>>,
     epoll: OwnedFd,
     valve: u64,
+    soft: u64,
     max_connections: u32,
     /// Keeps the program attached for the life of the process.
     _ebpf: Mutex<Ebpf>,
@@ -146,11 +159,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Sockmap {
-    /// Loads and attaches the verdict program and starts the monitor tasks.
-    /// `valve` is how far (bytes) a direction's receiver may fall behind
-    /// before its connection is reset.
+    /// Loads and attaches the verdict and sock_ops programs and starts the
+    /// monitor tasks. `soft` is the per-direction memory bound: a direction
+    /// whose receiver falls half of it behind moves to user space, with
+    /// backpressure. `valve` is the hard limit the kernel enforces, past
+    /// which the pair is reset (reached only if user space is too late).
     /// `max_connections` caps the pairs it carries at once (two slots each).
-    pub fn load(valve: u64, max_connections: u32) -> Result<Arc<Sockmap>, SockmapError> {
+    pub fn load(soft: u64, valve: u64, max_connections: u32) -> Result<Arc<Sockmap>, SockmapError> {
         bump_memlock();
         // Debug records from the kernel only when someone will read them.
         let level: u8 = if tracing::level_filters::LevelFilter::current()
@@ -180,6 +195,28 @@ impl Sockmap {
             .try_into()?;
         prog.load()?;
         prog.attach(socks.fd())?;
+        let mut owner: BpfArray<MapData, u32> = ebpf
+            .take_map(MAP_OWNER)
+            .ok_or(SockmapError::Missing(MAP_OWNER))?
+            .try_into()?;
+        owner.set(0, std::process::id(), 0)?;
+        let cgroup = own_cgroup2()?;
+        let ops: &mut SockOps = ebpf
+            .program_mut(PROG_SOCKOPS)
+            .ok_or(SockmapError::Missing(PROG_SOCKOPS))?
+            .try_into()?;
+        ops.load()?;
+        // As a BPF link (Linux 5.7+), which takes no flags and always lets
+        // other programs (another daemon's, say) share the cgroup.
+        ops.attach(cgroup, CgroupAttachMode::Single)?;
+        let detach = ebpf
+            .take_map(MAP_DETACH)
+            .ok_or(SockmapError::Missing(MAP_DETACH))?
+            .try_into()?;
+        let ports = ebpf
+            .take_map(MAP_PORTS)
+            .ok_or(SockmapError::Missing(MAP_PORTS))?
+            .try_into()?;
         let targets = ebpf
             .take_map(MAP_TARGETS)
             .ok_or(SockmapError::Missing(MAP_TARGETS))?
@@ -214,6 +251,8 @@ impl Sockmap {
                 socks,
                 targets,
                 slots,
+                detach,
+                ports,
                 free: Slots::new(max_connections.saturating_mul(2).min(MAX_SOCKETS)),
             }),
             ctl,
@@ -221,6 +260,9 @@ impl Sockmap {
             registry: Mutex::new(StdHashMap::new()),
             epoll,
             valve,
+            // Half the per-direction bound: after the move to user space the
+            // source's receive buffer and the drain buffer take the rest.
+            soft: (soft / 2).min(valve / 2).max(1 << 16),
             max_connections,
             _ebpf: Mutex::new(ebpf),
         });
@@ -230,6 +272,40 @@ impl Sockmap {
             tokio::spawn(log_monitor(readable(l)?));
         }
         Ok(sm)
+    }
+
+    /// Arms the sockets accepted on `port` (a listener of this daemon) for
+    /// the detach. Call it before accepting on the port.
+    pub fn serve_port(&self, port: u16) -> Result<(), SockmapError> {
+        Ok(lock(&self.maps).ports.insert(u32::from(port), 1, 0)?)
+    }
+
+    /// Takes `src` out of `SOCKS` through the sock_ops program (see the
+    /// module docs): true if it left, with every byte either redirected or
+    /// still in its receive queue.
+    fn detach(&self, cookie: u64, src: BorrowedFd<'_>) -> bool {
+        if lock(&self.maps)
+            .detach
+            .insert(cookie, DETACH_REQUESTED, 0)
+            .is_err()
+        {
+            return false;
+        }
+        // Zero bytes: TCP computes the MSS under the socket lock and sends
+        // nothing. A socket past ESTABLISHED/CLOSE_WAIT returns EPIPE first.
+        // SAFETY: a valid fd; a zero-length buffer is never read.
+        unsafe {
+            libc::send(
+                src.as_raw_fd(),
+                std::ptr::null(),
+                0,
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        let mut m = lock(&self.maps);
+        let state = m.detach.get(&cookie, 0).ok();
+        let _ = m.detach.remove(&cookie);
+        state == Some(DETACH_DONE)
     }
 
     fn dispatch(&self, cookie: u64, bits: u32) {
@@ -345,8 +421,8 @@ impl Sockmap {
         let signal = Arc::new(Signal::default());
         // Direction 0: client -> origin (source 0), direction 1: origin -> client.
         let mut dirs = [
-            Dir::new(0, cookies, base[1], self.valve),
-            Dir::new(1, cookies, base[0], self.valve),
+            Dir::new(0, cookies, base[1], self.soft, self.valve),
+            Dir::new(1, cookies, base[0], self.soft, self.valve),
         ];
         {
             let mut reg = lock(&self.registry);
@@ -364,7 +440,7 @@ impl Sockmap {
                     d.slot,
                     &DirCtl {
                         peer_cookie: d.peer,
-                        refill_at: d.valve / 8,
+                        refill_at: d.mark(),
                         limit: d.valve,
                     },
                 );
@@ -557,6 +633,9 @@ struct Dir {
     /// Bytes that may sit between the source and `dst`'s receiver before
     /// the connection is reset.
     valve: u64,
+    /// Bytes that may sit between the source and `dst`'s receiver before
+    /// the direction moves to user space; `u64::MAX` once a move failed.
+    soft: u64,
     /// Bytes user space wrote to `dst` since the hand-off.
     user_written: u64,
     /// The verdict's count, as last read.
@@ -576,7 +655,7 @@ struct Dir {
 }
 
 impl Dir {
-    fn new(src: usize, cookies: [u64; 2], base_dst: u64, valve: u64) -> Dir {
+    fn new(src: usize, cookies: [u64; 2], base_dst: u64, soft: u64, valve: u64) -> Dir {
         Dir {
             src,
             dst: 1 - src,
@@ -585,6 +664,7 @@ impl Dir {
             slot: NO_SLOT,
             base_dst,
             valve,
+            soft,
             user_written: 0,
             redirected: 0,
             limit: valve,
@@ -598,6 +678,12 @@ impl Dir {
         }
     }
 
+    /// Where the verdict next asks user space to look: a quarter of the soft
+    /// bound on, so a slow receiver is noticed before it is a bound behind.
+    fn mark(&self) -> u64 {
+        self.redirected + (self.soft / 4).min(self.valve / 8)
+    }
+
     /// Needs another look soon without an event to prompt it.
     fn busy(&self) -> bool {
         !self.pending.is_empty() || self.waiting || (self.fin_seen && !self.done)
@@ -608,10 +694,11 @@ impl Dir {
         self.base_dst + self.redirected + self.user_written
     }
 
-    /// At a mark: if `dst`'s receiver is behind by more than the valve,
-    /// give up on the connection (the kernel path cannot hold the sender
-    /// back); else move the kernel's hard limit on to a valve past what the
-    /// receiver acknowledged, and set the next mark.
+    /// At a mark: if `dst`'s receiver is behind by more than the soft bound,
+    /// move this direction to user space (backpressure); past the hard valve
+    /// (user space was too late), give up on the connection. Else move the
+    /// kernel's hard limit on to a valve past what the receiver
+    /// acknowledged, and set the next mark.
     fn check_valve(&mut self, sm: &Sockmap, fds: &[std::net::TcpStream; 2]) -> Result<(), Side> {
         self.redirected = sm.stats.load(self.slot).redirected;
         let acked = sockopt::tcp_info(fds[self.dst].as_fd())
@@ -621,6 +708,12 @@ impl Dir {
         if in_flight > self.valve {
             return Err(self.overrun());
         }
+        if in_flight > self.soft {
+            self.demote(sm, fds, in_flight);
+            if !self.active {
+                return Ok(());
+            }
+        }
         self.limit = self
             .limit
             .max((acked + self.valve).saturating_sub(self.base_dst + self.user_written));
@@ -628,11 +721,47 @@ impl Dir {
             self.slot,
             &DirCtl {
                 peer_cookie: self.peer,
-                refill_at: self.redirected + self.valve / 8,
+                refill_at: self.mark(),
                 limit: self.limit,
             },
         );
         Ok(())
+    }
+
+    /// Takes the source out of the verdict's map for good: the kernel stops
+    /// taking its bytes, they stay in its receive queue, and TCP's window
+    /// holds the sender back. User space relays the rest of this direction
+    /// (`pump`), after everything already redirected has entered `dst`'s
+    /// send queue, so the order holds. If the source cannot leave safely
+    /// (not armed, or no longer established), the kernel keeps relaying it
+    /// under the hard valve.
+    fn demote(&mut self, sm: &Sockmap, fds: &[std::net::TcpStream; 2], in_flight: u64) {
+        if !sm.detach(self.cookie, fds[self.src].as_fd()) {
+            tracing::warn!(
+                "{} -> {}: receiver {} bytes behind, but the {} socket cannot leave the \
+                 kernel path safely; it stays there under limits.sockmap_max_queued",
+                side_name(self.src),
+                side_name(self.dst),
+                in_flight,
+                side_name(self.src)
+            );
+            self.soft = u64::MAX;
+            return;
+        }
+        self.active = false;
+        let _ = sm.epoll_ctl(
+            libc::EPOLL_CTL_MOD,
+            fds[self.src].as_fd(),
+            self.cookie,
+            true,
+        );
+        tracing::info!(
+            "{} -> {}: receiver {} bytes behind (half of limits.max_buffer_per_direction); \
+             this direction continues in user space, with backpressure",
+            side_name(self.src),
+            side_name(self.dst),
+            in_flight
+        );
     }
 
     /// Logs why the pair is reset and names the side to blame.
@@ -801,6 +930,31 @@ fn send(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
         return Err(io::Error::last_os_error());
     }
     Ok(n as usize)
+}
+
+/// The directory of this process's cgroup in the v2 hierarchy: the sockets
+/// it creates (and accepts, which inherit the listener's) run the cgroup's
+/// sock_ops programs.
+fn own_cgroup2() -> Result<std::fs::File, SockmapError> {
+    let err = |m: String| SockmapError::Cgroup(m);
+    let cg = std::fs::read_to_string("/proc/self/cgroup")
+        .map_err(|e| err(format!("/proc/self/cgroup: {e}")))?;
+    let rel = cg
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or_else(|| err("this process is in no cgroup v2 hierarchy".into()))?;
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| err(format!("/proc/self/mountinfo: {e}")))?;
+    // mountinfo: id parent dev root mountpoint opts [tags] - fstype src opts
+    let mount = mounts
+        .lines()
+        .find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            (post.split(' ').next()? == "cgroup2").then(|| pre.split(' ').nth(4))?
+        })
+        .ok_or_else(|| err("cgroup2 is not mounted".into()))?;
+    let dir = format!("{mount}{}", rel.trim_end());
+    std::fs::File::open(&dir).map_err(|e| err(format!("{dir}: {e}")))
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
