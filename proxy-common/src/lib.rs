@@ -13,12 +13,13 @@
 #![no_std]
 
 /// Name of the sockhash of sockets whose incoming bytes the verdict
-/// redirects. A direction is paused by taking its source out of this map.
+/// redirects. A slow direction leaves this map for good (see
+/// [`DETACH_REQUESTED`]) and continues in user space.
 pub const MAP_SOCKS: &str = "SOCKS";
 /// Name of the sockhash of redirect targets (no program attached). Every
 /// socket of a relayed pair stays here for the whole connection, which keeps
-/// its psock, and the redirect queue towards it, alive while its own
-/// direction is paused.
+/// its psock, and the redirect queue towards it, alive after its own
+/// direction left `SOCKS`.
 pub const MAP_TARGETS: &str = "TARGETS";
 /// Name of the hash map from socket cookie to slot.
 pub const MAP_SLOTS: &str = "SLOTS";

@@ -27,8 +27,10 @@
 //!    The detach must not race the verdict. A delete from user space can
 //!    land while `tcp_read_skb` is walking the receive queue; the skbs it
 //!    takes after that meet no program and `sk_psock_verdict_recv` drops
-//!    them (measured here: 64-192 KiB lost per detach, also with a high
-//!    `SO_RCVLOWAT` holding segments back first). So the delete is done by
+//!    them. An earlier version that deleted from user space lost one 64 KiB
+//!    skb in a CI run. The race is rare (the window is one verdict run, and
+//!    the `slow_reader` test did not hit it in 72 user-space deletes), so no
+//!    test can show it is gone; the locking below rules it out. So the delete is done by
 //!    the `sock_ops` program, in the header-option callback that
 //!    `tcp_current_mss` runs with the socket locked, outside that loop; user
 //!    space brings it about with a zero-length `send` on the source (Linux
