@@ -126,3 +126,68 @@ async fn a_stalled_reader_catches_up_without_loss_on_every_path() {
         );
     }
 }
+
+/// The client half-closes right after the hand-off; the origin then streams
+/// into it while it stalls. On sockmap the FIN leaves the origin's socket half-closed, where
+/// it could no longer leave the kernel, so the origin -> client direction
+/// moves to user space before the FIN goes out (and is held back there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_closed_client_with_a_stalled_reader_gets_every_byte_on_every_path() {
+    const HALF_ROUNDS: usize = 3;
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let oa = l.local_addr().unwrap();
+    for mode in modes() {
+        let s = Sluice::start(mode, oa);
+        for r in 0..HALF_ROUNDS {
+            let ((c, _), (o, _, _)) = tokio::join!(raw_client(s.addr, b""), raw_origin(&l, b""));
+            let (c_rd, mut c_wr) = TcpStream::into_split(c);
+            let (mut o_rd, o_wr) = TcpStream::into_split(o);
+            // After the hand-off: a socket that is no longer ESTABLISHED
+            // cannot join the sockhash, and the pair would fall back to uring.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            c_wr.shutdown().await.unwrap();
+            let work = async {
+                let origin = async {
+                    let mut b = [0u8; 64];
+                    let n = o_rd.read(&mut b).await.unwrap();
+                    assert_eq!(n, 0, "the origin expected EOF first");
+                    send_pattern(o_wr).await;
+                };
+                tokio::join!(origin, check_pattern(c_rd)).1
+            };
+            let (bad, read) = tokio::time::timeout(ROUND_LIMIT, work)
+                .await
+                .expect("a round stalled");
+            assert_eq!(
+                bad,
+                None,
+                "{mode:?} round {r}: pattern breaks at byte {bad:?}\n{}",
+                s.logs()
+            );
+            assert_eq!(read, LEN, "{mode:?} round {r}: read {read} of {LEN} bytes");
+        }
+        if mode == Mode::Sockmap {
+            let moved = s
+                .logs()
+                .lines()
+                .filter(|l| l.contains("origin -> client: the other direction half-closed; this direction continues in user space"))
+                .count();
+            let kernel = s
+                .logs()
+                .lines()
+                .filter(|l| l.contains("closed:") && l.contains("datapath=sockmap"))
+                .count();
+            assert!(
+                kernel >= 1,
+                "no round was relayed by sockmap:\n{}",
+                s.logs()
+            );
+            assert_eq!(moved, kernel, "{}", s.logs());
+            assert!(!s.logs().contains("resetting"), "{}", s.logs());
+        }
+        eprintln!(
+            "half-closed slow reader {mode:?}: {HALF_ROUNDS} rounds of {} MiB exact",
+            LEN >> 20
+        );
+    }
+}

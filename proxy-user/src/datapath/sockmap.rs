@@ -36,7 +36,10 @@
 //!    space brings it about with a zero-length `send` on the source (Linux
 //!    5.10+ for the callback). The program is attached to the daemon's
 //!    cgroup (v2) and arms only the sockets the daemon connects or accepts
-//!    on its listeners. Passing skbs to the socket's own queue, or putting
+//!    on its listeners. A socket shut down for writing can no longer be
+//!    detached this way (`send` fails before TCP computes the MSS), so
+//!    before a FIN goes out to a socket whose own direction is still in the
+//!    kernel, that direction moves to user space (`send_fin`). Passing skbs to the socket's own queue, or putting
 //!    a socket back into the map, returned stale bytes in short runs on
 //!    Linux 6.18, so a direction never returns to the kernel. As a last
 //!    resort the verdict enforces a hard limit
@@ -552,6 +555,11 @@ impl Sockmap {
                 }
                 d.account(acct, ahead[d.src]);
             }
+            for i in 0..2 {
+                if dirs[i].fin_due {
+                    self.send_fin(dirs, i, fds);
+                }
+            }
             if dirs.iter().all(|d| d.done) {
                 return CloseReason::Done;
             }
@@ -564,6 +572,27 @@ impl Sockmap {
                 signal.notify.notified().await;
             }
         }
+    }
+
+    /// Ends direction `i`: shuts its target down for writing. That target is
+    /// the source of the other direction, and a socket past ESTABLISHED and
+    /// CLOSE_WAIT can no longer be detached (the zero-length `send` fails
+    /// before TCP computes the MSS). So if the other direction is still in
+    /// the kernel, it moves to user space first, where a slow receiver
+    /// holds its sender back.
+    fn send_fin(&self, dirs: &mut [Dir; 2], i: usize, fds: &[std::net::TcpStream; 2]) {
+        let (first, second) = dirs.split_at_mut(1);
+        let (d, other) = if i == 0 {
+            (&mut first[0], &mut second[0])
+        } else {
+            (&mut second[0], &mut first[0])
+        };
+        if other.active && !other.done {
+            other.demote(self, fds, "the other direction half-closed");
+        }
+        let _ = sockopt::shutdown_write(fds[d.dst].as_fd());
+        d.fin_due = false;
+        d.done = true;
     }
 
     /// Takes a pair's sockets out of every map and monitor; returns their
@@ -653,6 +682,8 @@ struct Dir {
     waiting: bool,
     fin_seen: bool,
     eof: bool,
+    /// Every byte is out; `dst` is to be shut down for writing.
+    fin_due: bool,
     done: bool,
 }
 
@@ -676,6 +707,7 @@ impl Dir {
             waiting: false,
             fin_seen: false,
             eof: false,
+            fin_due: false,
             done: false,
         }
     }
@@ -711,7 +743,10 @@ impl Dir {
             return Err(self.overrun());
         }
         if in_flight > self.soft {
-            self.demote(sm, fds, in_flight);
+            let why = format!(
+                "receiver {in_flight} bytes behind (half of limits.max_buffer_per_direction)"
+            );
+            self.demote(sm, fds, &why);
             if !self.active {
                 return Ok(());
             }
@@ -737,14 +772,13 @@ impl Dir {
     /// send queue, so the order holds. If the source cannot leave safely
     /// (not armed, or no longer established), the kernel keeps relaying it
     /// under the hard valve.
-    fn demote(&mut self, sm: &Sockmap, fds: &[std::net::TcpStream; 2], in_flight: u64) {
+    fn demote(&mut self, sm: &Sockmap, fds: &[std::net::TcpStream; 2], why: &str) {
         if !sm.detach(self.cookie, fds[self.src].as_fd()) {
             tracing::warn!(
-                "{} -> {}: receiver {} bytes behind, but the {} socket cannot leave the \
-                 kernel path safely; it stays there under limits.sockmap_max_queued",
+                "{} -> {}: {why}, but the {} socket cannot leave the kernel path \
+                 safely; it stays there under limits.sockmap_max_queued",
                 side_name(self.src),
                 side_name(self.dst),
-                in_flight,
                 side_name(self.src)
             );
             self.soft = u64::MAX;
@@ -758,11 +792,9 @@ impl Dir {
             true,
         );
         tracing::info!(
-            "{} -> {}: receiver {} bytes behind (half of limits.max_buffer_per_direction); \
-             this direction continues in user space, with backpressure",
+            "{} -> {}: {why}; this direction continues in user space, with backpressure",
             side_name(self.src),
             side_name(self.dst),
-            in_flight
         );
     }
 
@@ -816,8 +848,9 @@ impl Dir {
                 return Ok(());
             }
             if self.eof {
-                let _ = sockopt::shutdown_write(dst);
-                self.done = true;
+                // `run` sends the FIN, after moving the other direction out
+                // of the kernel if it is still there.
+                self.fin_due = true;
                 self.buf = Vec::new();
                 return Ok(());
             }
