@@ -61,6 +61,14 @@ async fn check_pattern(mut s: tokio::net::tcp::OwnedReadHalf) -> (Option<u64>, u
     }
 }
 
+/// How many daemon log lines contain every one of `needles`.
+fn log_lines(s: &Sluice, needles: &[&str]) -> usize {
+    s.logs()
+        .lines()
+        .filter(|l| needles.iter().all(|n| l.contains(n)))
+        .count()
+}
+
 async fn round(proxy: SocketAddr, l: &TcpListener) -> [(Option<u64>, u64); 2] {
     let ((c, _), (o, _, _)) = tokio::join!(raw_client(proxy, b""), raw_origin(l, b""));
     let (c_rd, c_wr) = TcpStream::into_split(c);
@@ -105,11 +113,7 @@ async fn a_stalled_reader_catches_up_without_loss_on_every_path() {
         }
         if mode == Mode::Sockmap {
             // The stall really moved directions out of the kernel mid-stream.
-            let moved = s
-                .logs()
-                .lines()
-                .filter(|l| l.contains("continues in user space"))
-                .count();
+            let moved = log_lines(&s, &["continues in user space"]);
             eprintln!(
                 "slow reader {mode:?}: {moved} directions moved to user space in {ROUNDS} rounds"
             );
@@ -167,16 +171,11 @@ async fn a_half_closed_client_with_a_stalled_reader_gets_every_byte_on_every_pat
             assert_eq!(read, LEN, "{mode:?} round {r}: read {read} of {LEN} bytes");
         }
         if mode == Mode::Sockmap {
-            let moved = s
-                .logs()
-                .lines()
-                .filter(|l| l.contains("origin -> client: the other direction half-closed; this direction continues in user space"))
-                .count();
-            let kernel = s
-                .logs()
-                .lines()
-                .filter(|l| l.contains("closed:") && l.contains("datapath=sockmap"))
-                .count();
+            let moved = log_lines(
+                &s,
+                &["origin -> client: the other direction half-closed; this direction continues in user space"],
+            );
+            let kernel = log_lines(&s, &["closed:", "datapath=sockmap"]);
             assert!(
                 kernel >= 1,
                 "no round was relayed by sockmap:\n{}",

@@ -190,20 +190,14 @@ impl Sockmap {
                 None
             }
         };
-        let socks: SockHash<MapData, u64> = ebpf
-            .take_map(MAP_SOCKS)
-            .ok_or(SockmapError::Missing(MAP_SOCKS))?
-            .try_into()?;
+        let socks: SockHash<MapData, u64> = take_map(&mut ebpf, MAP_SOCKS)?;
         let prog: &mut SkSkb = ebpf
             .program_mut(PROG_VERDICT)
             .ok_or(SockmapError::Missing(PROG_VERDICT))?
             .try_into()?;
         prog.load()?;
         prog.attach(socks.fd())?;
-        let mut owner: BpfArray<MapData, u32> = ebpf
-            .take_map(MAP_OWNER)
-            .ok_or(SockmapError::Missing(MAP_OWNER))?
-            .try_into()?;
+        let mut owner: BpfArray<MapData, u32> = take_map(&mut ebpf, MAP_OWNER)?;
         owner.set(0, std::process::id(), 0)?;
         let cgroup = own_cgroup2()?;
         let ops: &mut SockOps = ebpf
@@ -214,22 +208,10 @@ impl Sockmap {
         // As a BPF link (Linux 5.7+), which takes no flags and always lets
         // other programs (another daemon's, say) share the cgroup.
         ops.attach(cgroup, CgroupAttachMode::Single)?;
-        let detach = ebpf
-            .take_map(MAP_DETACH)
-            .ok_or(SockmapError::Missing(MAP_DETACH))?
-            .try_into()?;
-        let ports = ebpf
-            .take_map(MAP_PORTS)
-            .ok_or(SockmapError::Missing(MAP_PORTS))?
-            .try_into()?;
-        let targets = ebpf
-            .take_map(MAP_TARGETS)
-            .ok_or(SockmapError::Missing(MAP_TARGETS))?
-            .try_into()?;
-        let slots = ebpf
-            .take_map(MAP_SLOTS)
-            .ok_or(SockmapError::Missing(MAP_SLOTS))?
-            .try_into()?;
+        let detach = take_map(&mut ebpf, MAP_DETACH)?;
+        let ports = take_map(&mut ebpf, MAP_PORTS)?;
+        let targets = take_map(&mut ebpf, MAP_TARGETS)?;
+        let slots = take_map(&mut ebpf, MAP_SLOTS)?;
         let ctl = SharedArray::new(
             ebpf.take_map(MAP_CTL)
                 .ok_or(SockmapError::Missing(MAP_CTL))?,
@@ -240,10 +222,7 @@ impl Sockmap {
                 .ok_or(SockmapError::Missing(MAP_STATS))?,
             MAX_SOCKETS,
         )?;
-        let events: RingBuf<MapData> = ebpf
-            .take_map(MAP_EVENTS)
-            .ok_or(SockmapError::Missing(MAP_EVENTS))?
-            .try_into()?;
+        let events: RingBuf<MapData> = take_map(&mut ebpf, MAP_EVENTS)?;
         // SAFETY: plain syscall; the result is checked.
         let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if ep < 0 {
@@ -965,6 +944,17 @@ fn send(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
         return Err(io::Error::last_os_error());
     }
     Ok(n as usize)
+}
+
+/// Takes a map out of the object, typed.
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, SockmapError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    Ok(ebpf
+        .take_map(name)
+        .ok_or(SockmapError::Missing(name))?
+        .try_into()?)
 }
 
 /// The directory of this process's cgroup in the v2 hierarchy: the sockets
