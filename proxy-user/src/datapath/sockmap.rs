@@ -961,25 +961,45 @@ where
 /// it creates (and accepts, which inherit the listener's) run the cgroup's
 /// sock_ops programs.
 fn own_cgroup2() -> Result<std::fs::File, SockmapError> {
-    let err = |m: String| SockmapError::Cgroup(m);
-    let cg = std::fs::read_to_string("/proc/self/cgroup")
-        .map_err(|e| err(format!("/proc/self/cgroup: {e}")))?;
-    let rel = cg
+    let read =
+        |p: &str| std::fs::read_to_string(p).map_err(|e| SockmapError::Cgroup(format!("{p}: {e}")));
+    let dir = cgroup2_dir(&read("/proc/self/cgroup")?, &read("/proc/self/mountinfo")?)
+        .map_err(|m| SockmapError::Cgroup(m.to_string()))?;
+    std::fs::File::open(&dir).map_err(|e| SockmapError::Cgroup(format!("{dir}: {e}")))
+}
+
+/// Where this process's cgroup v2 directory is, from `/proc/self/cgroup`
+/// (`0::<path>`) and `/proc/self/mountinfo` (the `cgroup2` mount; its root
+/// field is not `/` inside a container with its own cgroup namespace).
+fn cgroup2_dir(cgroup: &str, mountinfo: &str) -> Result<String, &'static str> {
+    let rel = cgroup
         .lines()
         .find_map(|l| l.strip_prefix("0::"))
-        .ok_or_else(|| err("this process is in no cgroup v2 hierarchy".into()))?;
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|e| err(format!("/proc/self/mountinfo: {e}")))?;
+        .ok_or("this process is in no cgroup v2 hierarchy")?
+        .trim_end();
     // mountinfo: id parent dev root mountpoint opts [tags] - fstype src opts
-    let mount = mounts
+    let (root, mount) = mountinfo
         .lines()
         .find_map(|l| {
             let (pre, post) = l.split_once(" - ")?;
-            (post.split(' ').next()? == "cgroup2").then(|| pre.split(' ').nth(4))?
+            if post.split(' ').next()? != "cgroup2" {
+                return None;
+            }
+            let mut f = pre.split(' ').skip(3);
+            Some((f.next()?, f.next()?))
         })
-        .ok_or_else(|| err("cgroup2 is not mounted".into()))?;
-    let dir = format!("{mount}{}", rel.trim_end());
-    std::fs::File::open(&dir).map_err(|e| err(format!("{dir}: {e}")))
+        .ok_or("cgroup2 is not mounted")?;
+    let below = match rel.strip_prefix(root) {
+        Some(r) if root != "/" => r,
+        _ => rel,
+    };
+    Ok(format!(
+        "{}/{}",
+        mount.trim_end_matches('/'),
+        below.trim_start_matches('/')
+    )
+    .trim_end_matches('/')
+    .to_string())
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
@@ -1069,5 +1089,42 @@ async fn log_monitor(mut l: AsyncFd<aya_log::EbpfLogger<&'static dyn log::Log>>)
         };
         guard.get_inner_mut().flush();
         guard.clear_ready();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cgroup2_dir;
+
+    const HYBRID: &str = "\
+33 25 0:28 / /sys/fs/cgroup/memory rw,relatime shared:12 - cgroup cgroup rw,memory
+40 25 0:35 / /sys/fs/cgroup/unified rw,relatime shared:19 - cgroup2 cgroup2 rw
+";
+
+    #[test]
+    fn finds_the_cgroup_under_the_cgroup2_mount() {
+        let cg = "4:memory:/x\n0::/\n";
+        assert_eq!(cgroup2_dir(cg, HYBRID).unwrap(), "/sys/fs/cgroup/unified");
+        let unified = "30 1 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(
+            cgroup2_dir("0::/system.slice/sluice.service\n", unified).unwrap(),
+            "/sys/fs/cgroup/system.slice/sluice.service"
+        );
+        // A container whose cgroup2 mount is rooted at its own cgroup.
+        let ns = "50 40 0:26 /kubepods/pod1 /sys/fs/cgroup ro - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            cgroup2_dir("0::/kubepods/pod1/app\n", ns).unwrap(),
+            "/sys/fs/cgroup/app"
+        );
+    }
+
+    #[test]
+    fn says_why_without_cgroup2() {
+        assert_eq!(
+            cgroup2_dir("4:memory:/x\n", HYBRID),
+            Err("this process is in no cgroup v2 hierarchy")
+        );
+        let v1 = HYBRID.lines().next().unwrap();
+        assert_eq!(cgroup2_dir("0::/\n", v1), Err("cgroup2 is not mounted"));
     }
 }
