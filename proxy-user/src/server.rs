@@ -55,9 +55,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         };
         let tl =
             bind(l.listen, cfg.limits.max_buffer_per_direction, l.reuse_port).map_err(bind_err)?;
-        if let Ok(a) = tl.local_addr() {
-            paths.serve_port(a.port()).map_err(ServerError::DataPath)?;
-        }
+        // Armed before any worker accepts on it (sockmap's safe detach).
+        let port = tl.local_addr().map_err(bind_err)?.port();
+        paths.serve_port(port).map_err(ServerError::DataPath)?;
         let ctx = Arc::new(ListenerCtx {
             cfg: cfg.clone(),
             origin: l.origin,

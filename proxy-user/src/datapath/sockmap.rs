@@ -557,8 +557,8 @@ impl Sockmap {
     /// the source of the other direction, and a socket past ESTABLISHED and
     /// CLOSE_WAIT can no longer be detached (the zero-length `send` fails
     /// before TCP computes the MSS). So if the other direction is still in
-    /// the kernel, it moves to user space first, where a slow receiver
-    /// holds its sender back.
+    /// the kernel and its sender may still send, it moves to user space
+    /// first, where a slow receiver holds that sender back.
     fn send_fin(&self, dirs: &mut [Dir; 2], i: usize, fds: &[std::net::TcpStream; 2]) {
         let (first, second) = dirs.split_at_mut(1);
         let (d, other) = if i == 0 {
@@ -566,7 +566,8 @@ impl Sockmap {
         } else {
             (&mut second[0], &mut first[0])
         };
-        if other.active && !other.done {
+        // A source that has sent FIN takes in nothing more: no need to move.
+        if other.active && !other.done && !other.fin_seen {
             other.demote(self, fds, "the other direction half-closed");
         }
         let _ = sockopt::shutdown_write(fds[d.dst].as_fd());
