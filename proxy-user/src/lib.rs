@@ -11,5 +11,6 @@ pub mod datapath;
 pub mod error;
 pub mod handshake;
 pub mod lifecycle;
+pub mod logwriter;
 pub mod server;
 pub mod sockopt;

@@ -53,17 +53,10 @@ fn main() -> Result<()> {
         .clone()
         .or_else(|| std::env::var("RUST_LOG").ok())
         .unwrap_or_else(|| "info".into());
-    // Log lines (two access lines per session) go to a writer thread that
-    // batches them into few writes; nothing is dropped when it falls behind.
-    let (writer, _flush_on_exit) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        // The default (128,000 lines) preallocates 4 MiB.
-        .buffered_lines_limit(8192)
-        .thread_name("sluice-log")
-        .finish(std::io::BufWriter::with_capacity(
-            64 << 10,
-            std::io::stderr(),
-        ));
+    // Log lines (two access lines per session) are written in batches by
+    // one thread; nothing is dropped when it falls behind.
+    let (writer, _flush_on_exit) =
+        sluice::logwriter::start(Box::new(std::io::stderr())).context("starting the log writer")?;
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(writer)
