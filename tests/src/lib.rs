@@ -128,6 +128,16 @@ impl Sluice {
         Sluice::spawn(mode, addr, args, None)
     }
 
+    /// Starts sluice in front of `origin` with `limits.max_buffer_per_direction
+    /// = bound`.
+    pub fn start_bounded(mode: Mode, origin: SocketAddr, bound: u64) -> Sluice {
+        Sluice::start_config(mode, |addr| {
+            format!(
+                "[limits]\nmax_buffer_per_direction = {bound}\n[[listeners]]\nlisten = \"{addr}\"\norigin = \"{origin}\"\n"
+            )
+        })
+    }
+
     /// Starts sluice from a TOML config; `make` gets the listen address.
     pub fn start_config(mode: Mode, make: impl FnOnce(SocketAddr) -> String) -> Sluice {
         Sluice::start_config_logging(mode, "info", make)
@@ -269,6 +279,26 @@ impl Sluice {
                 "no log line with {needle:?} within {within:?}:\n{}",
                 self.logs()
             );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until at least `n` log lines contain every one of `needles`
+    /// (log lines reach stderr in batches, up to 20 ms late), and returns
+    /// how many do.
+    pub fn wait_log_count(&self, needles: &[&str], n: usize, within: Duration) -> usize {
+        let end = Instant::now() + within;
+        loop {
+            let count = self
+                .logs
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|l| needles.iter().all(|x| l.contains(x)))
+                .count();
+            if count >= n || Instant::now() >= end {
+                return count;
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -14,6 +14,9 @@ use sluice_e2e::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+/// The per-direction bound: a quarter of the default, so that a 400 ms
+/// stall puts the sender far past half of it on every path.
+const BOUND: u64 = 8 << 20;
 /// Bytes each side sends per round.
 const LEN: u64 = 48 << 20;
 /// How long each reader waits before it starts reading.
@@ -92,7 +95,7 @@ async fn a_stalled_reader_catches_up_without_loss_on_every_path() {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let oa = l.local_addr().unwrap();
     for mode in modes() {
-        let s = Sluice::start(mode, oa);
+        let s = Sluice::start_bounded(mode, oa, BOUND);
         for r in 0..ROUNDS {
             let [to_origin, to_client] = round(s.addr, &l).await;
             for (name, (bad, read)) in [
@@ -112,6 +115,8 @@ async fn a_stalled_reader_catches_up_without_loss_on_every_path() {
             }
         }
         if mode == Mode::Sockmap {
+            // Every session has logged its close, so every move is logged too.
+            s.wait_log_count(&["closed:"], ROUNDS, Duration::from_secs(5));
             // The stall really moved directions out of the kernel mid-stream.
             let moved = log_lines(&s, &["continues in user space"]);
             eprintln!(
@@ -141,7 +146,7 @@ async fn a_half_closed_client_with_a_stalled_reader_gets_every_byte_on_every_pat
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let oa = l.local_addr().unwrap();
     for mode in modes() {
-        let s = Sluice::start(mode, oa);
+        let s = Sluice::start_bounded(mode, oa, BOUND);
         for r in 0..HALF_ROUNDS {
             let ((c, _), (o, _, _)) = tokio::join!(raw_client(s.addr, b""), raw_origin(&l, b""));
             let (c_rd, mut c_wr) = TcpStream::into_split(c);
@@ -171,6 +176,7 @@ async fn a_half_closed_client_with_a_stalled_reader_gets_every_byte_on_every_pat
             assert_eq!(read, LEN, "{mode:?} round {r}: read {read} of {LEN} bytes");
         }
         if mode == Mode::Sockmap {
+            s.wait_log_count(&["closed:"], HALF_ROUNDS, Duration::from_secs(5));
             let moved = log_lines(
                 &s,
                 &["origin -> client: the other direction half-closed; this direction continues in user space"],
