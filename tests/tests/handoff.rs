@@ -129,3 +129,68 @@ async fn early_bytes_do_not_wait_for_a_next_segment() {
             .unwrap_or_else(|_| panic!("{mode:?}: early bytes were held back\n{}", s.logs()));
     }
 }
+
+/// A client that pipelines 4 MiB behind its request while the origin takes
+/// 300 ms to answer: most of it waits in the proxy's receive queue at the
+/// hand-off, far more than one read of the hand-off's buffer. It must all
+/// arrive, once and in order, on every path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_pipelined_burst_arrives_whole_and_in_order() {
+    const BURST: usize = 4 << 20;
+    for mode in modes() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let s = Sluice::start(mode, l.local_addr().unwrap());
+        let mut burst = vec![0u8; BURST];
+        Prng::new(7).fill(&mut burst);
+        let want = burst.clone();
+        let origin = tokio::spawn(async move {
+            let (mut st, _) = l.accept().await.unwrap();
+            // Let the burst pile up before the 101.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let (head, mut got) = read_head(&mut st).await;
+            let key = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("sec-websocket-key")
+                        .then(|| v.trim().to_string())
+                })
+                .expect("no key");
+            let resp = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                 Sec-WebSocket-Accept: {}\r\n\r\n",
+                accept_key(&key)
+            );
+            st.write_all(resp.as_bytes()).await.unwrap();
+            let mut chunk = vec![0u8; 1 << 16];
+            while got.len() < BURST {
+                let n = st.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "origin: EOF after {} bytes", got.len());
+                got.extend_from_slice(&chunk[..n]);
+            }
+            // Hold the connection until the client has seen the answer.
+            st.write_all(b"ok").await.unwrap();
+            let _ = st.read(&mut chunk).await;
+            got
+        });
+        let run = async {
+            let (mut c, rest) = raw_client(s.addr, &burst).await;
+            let mut ok = rest;
+            while ok.len() < 2 {
+                let mut b = [0u8; 2];
+                let n = c.read(&mut b).await.unwrap();
+                assert!(n > 0, "client: EOF before the answer");
+                ok.extend_from_slice(&b[..n]);
+            }
+            assert_eq!(ok, b"ok", "{mode:?}");
+            drop(c);
+            origin.await.unwrap()
+        };
+        let got = tokio::time::timeout(Duration::from_secs(20), run)
+            .await
+            .unwrap_or_else(|_| panic!("{mode:?}: timed out\n{}", s.logs()));
+        assert_eq!(got.len(), BURST, "{mode:?}");
+        let at = got.iter().zip(&want).position(|(a, b)| a != b);
+        assert_eq!(at, None, "{mode:?}: bytes differ from offset {at:?}");
+    }
+}

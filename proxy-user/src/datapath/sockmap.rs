@@ -120,6 +120,9 @@ const POLL: Duration = Duration::from_millis(2);
 const NO_SLOT: u32 = u32::MAX;
 /// Read buffer of a drain; allocated only while a direction passes.
 const DRAIN_BUF: usize = 1 << 20;
+/// Buffer for the few bytes queued at the hand-off or after a FIN: below
+/// glibc's mmap threshold (128 KiB), so it comes from the heap.
+const SMALL_BUF: usize = 64 << 10;
 
 /// Wake-ups for one connection: event bits per socket (0 client, 1 origin).
 #[derive(Default)]
@@ -839,7 +842,12 @@ impl Dir {
                 return Ok(());
             }
             if self.buf.capacity() == 0 {
-                self.buf = Vec::with_capacity(DRAIN_BUF);
+                // A direction moved to user space streams: a large buffer.
+                // After a FIN little or nothing is queued, and a 1 MiB
+                // buffer would be an mmap and a munmap (with a TLB
+                // shootdown on every CPU) per session.
+                let cap = if self.active { SMALL_BUF } else { DRAIN_BUF };
+                self.buf = Vec::with_capacity(cap);
             }
             match recv_spare(src, &mut self.buf) {
                 Ok(0) => self.eof = true,
@@ -875,8 +883,8 @@ fn kick(fd: BorrowedFd<'_>) {
     };
 }
 
-/// Moves whatever sits in `src`'s TCP queue to `dst` with one read large
-/// enough for all of it. `Err` names the side whose socket failed.
+/// Moves whatever sits in `src`'s TCP queue to `dst`, reading until the
+/// queue is empty. `Err` names the side whose socket failed.
 async fn take_queued(
     src: &tokio::net::TcpStream,
     dst: &mut tokio::net::TcpStream,
@@ -884,21 +892,30 @@ async fn take_queued(
 ) -> Result<u64, Side> {
     let fd = src.as_fd();
     // Usually nothing is queued: no buffer at all then.
-    if sockopt::inq(fd).map_err(|_| src_side)? == 0 {
+    let queued = sockopt::inq(fd).map_err(|_| src_side)?;
+    if queued == 0 {
         return Ok(0);
     }
-    // The queue holds at most about SO_RCVBUF bytes; twice that takes it
-    // whole even if more arrives meanwhile. Uninitialised: only what
-    // arrives is touched.
-    let rcvbuf = socket2::SockRef::from(&fd).recv_buffer_size().unwrap_or(0);
-    let mut buf: Vec<u8> = Vec::with_capacity(DRAIN_BUF.max(rcvbuf * 2));
-    match recv_spare(fd, &mut buf) {
-        Ok(n) => {
-            dst.write_all(&buf).await.map_err(|_| src_side.flip())?;
-            Ok(n as u64)
+    // Usually a frame or two: a buffer for twice what is queued, from the
+    // heap (not a fresh mmap per session). Reads go on until one comes back
+    // short: only then is the queue empty, and a partly read skb is never
+    // left behind. Uninitialised: only what arrives is touched.
+    let want = usize::try_from(queued.saturating_mul(2)).unwrap_or(DRAIN_BUF);
+    let mut buf: Vec<u8> = Vec::with_capacity(want.clamp(SMALL_BUF, DRAIN_BUF));
+    let mut total = 0u64;
+    loop {
+        match recv_spare(fd, &mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => {
+                dst.write_all(&buf).await.map_err(|_| src_side.flip())?;
+                total += n as u64;
+                if n < buf.capacity() {
+                    return Ok(total);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(total),
+            Err(_) => return Err(src_side),
         }
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
-        Err(_) => Err(src_side),
     }
 }
 
