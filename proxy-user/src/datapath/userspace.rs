@@ -16,7 +16,10 @@ use crate::accounting::Accounting;
 use crate::sockopt;
 
 /// Size of each worker thread's read buffer: large reads mean few
-/// syscalls per byte on bulk transfers.
+/// syscalls per byte on bulk transfers. (Bulk through `splice` and a pooled
+/// 1 MiB pipe instead, with no copy to user space, measured worse here:
+/// W1 0.62-0.66x direct one way and 0.57-0.61x both ways, 938-1133
+/// CPU-µs/MiB, against 0.82-0.84x, 0.64-0.65x and 760-860 with copies.)
 const SCRATCH: usize = 1 << 20;
 
 thread_local! {
