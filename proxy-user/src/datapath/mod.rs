@@ -9,11 +9,13 @@
 //! `auto` takes `userspace`: in `cargo xtask bench` (bench/results/) it beat
 //! `uring` on throughput in every workload here (bulk, every echo case,
 //! handshakes) and on idle memory; uring's added p99 was lower in some echo
-//! cases. It
-//! still probes io_uring and says in its log line whether it is available.
-//! `sockmap` measured slower here (bulk, echo, handshakes); choose it
-//! explicitly. A connection that cannot join the chosen path falls back to
-//! the next (sockmap, then uring, then userspace).
+//! cases. It still probes io_uring and says in its log line whether it is
+//! available. `sockmap` moved bulk about as fast (0.85x direct against
+//! 0.82x one way, 0.66x against 0.59x both ways, within the host's noise)
+//! but cost more CPU per MiB (947 against 879 µs) and per new session (449
+//! against 324 µs), and ran 0.8x userspace at 100 echo connections; choose
+//! it explicitly. A connection that cannot join the chosen path falls back
+//! to the next (sockmap, then uring, then userspace).
 
 mod shared_map;
 pub mod sockmap;
@@ -196,7 +198,7 @@ impl DataPaths {
                     DataPath::Userspace,
                     format!(
                         "auto: userspace measured fastest (cargo xtask bench); io_uring \
-                         {uring_state}, opt-in; sockmap opt-in (measured slower)"
+                         {uring_state}, opt-in; sockmap opt-in (more CPU per MiB and per session)"
                     ),
                 )
             }
