@@ -28,6 +28,21 @@ use indicatif::{ProgressBar, ProgressStyle};
 use report::{Record, Workload};
 use targets::{Kind, Target};
 
+/// What Sluice logs when a sockmap direction moves to user space, and
+/// why: its receiver fell behind, or the other direction half-closed (a
+/// half-closed socket can no longer leave the kernel path, so it leaves
+/// before the FIN goes out).
+const MOVED: [(&str, &str); 2] = [
+    (
+        "bytes behind (half of",
+        "a receiver fell half of limits.max_buffer_per_direction behind; the rest of that direction went through user space",
+    ),
+    (
+        "the other direction half-closed; this direction continues",
+        "the other direction half-closed first (a half-closed socket cannot leave the kernel path later)",
+    ),
+];
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct Opts {
@@ -198,11 +213,15 @@ pub fn run(opts: &Opts) -> Result<String, String> {
             .progress_chars("=> "),
     );
     let mut records: Vec<Record> = Vec::new();
+    // Directions the sockmap path moved to user space (backpressure), per
+    // case: its bulk figures are mostly that user-space relay then.
+    let mut moved: Vec<(String, usize, usize)> = Vec::new();
     // Cases outside, repetitions next, targets inside: every target meets
     // the same machine weather within a repetition.
     for (w, case) in &cases {
         for rep in 0..plan.reps {
             for t in running.iter_mut() {
+                let moved_before = MOVED.map(|(needle, _)| t.log_count(needle));
                 bar.set_message(format!(
                     "{} {case} {} #{}",
                     w.title(),
@@ -227,10 +246,29 @@ pub fn run(opts: &Opts) -> Result<String, String> {
                 bar.inc(1);
                 // Let sockets in TIME_WAIT and closing connections settle.
                 std::thread::sleep(Duration::from_millis(200));
+                for (i, (needle, _)) in MOVED.iter().enumerate() {
+                    let n = t.log_count(needle).saturating_sub(moved_before[i]);
+                    // At a close the move is part of the session's cost,
+                    // which only W4 measures; elsewhere it is teardown.
+                    if n == 0 || (i == 1 && *w != Workload::Handshake) {
+                        continue;
+                    }
+                    let key = format!("{} {} {case}", t.kind.name(), w.title());
+                    match moved.iter_mut().find(|(k, r, _)| *k == key && *r == i) {
+                        Some((_, _, c)) => *c += n,
+                        None => moved.push((key, i, n)),
+                    }
+                }
             }
         }
     }
     bar.finish_and_clear();
+    for (key, reason, n) in moved {
+        notes.push(format!(
+            "{key}: {n} direction(s) moved from the kernel to user space over {} run(s): {}",
+            plan.reps, MOVED[reason].1
+        ));
+    }
     let names: Vec<String> = running.iter().map(|t| t.kind.name()).collect();
     drop(running);
     drop(load);

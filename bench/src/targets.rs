@@ -245,6 +245,18 @@ impl Target {
         lines[lines.len().saturating_sub(5)..].join("\n")
     }
 
+    /// How many lines of its log so far contain `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        let Some(d) = &self.dir else {
+            return 0;
+        };
+        std::fs::read_to_string(d.join("stderr.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
     /// Resident memory of the proxy's processes (0 for direct).
     pub fn rss(&self) -> u64 {
         self.child
