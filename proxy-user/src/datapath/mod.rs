@@ -10,11 +10,11 @@
 //! `uring` on throughput in every workload here (bulk, every echo case,
 //! handshakes) and on idle memory; uring's added p99 was lower in some echo
 //! cases. It still probes io_uring and says in its log line whether it is
-//! available. `sockmap` moved bulk about as fast (0.85x direct against
-//! 0.82x one way, 0.66x against 0.59x both ways, within the host's noise)
-//! but cost more CPU per MiB (947 against 879 µs) and per new session (449
-//! against 324 µs), and ran 0.8x userspace at 100 echo connections; choose
-//! it explicitly. A connection that cannot join the chosen path falls back
+//! available. `sockmap` moved bulk about as fast (one way 0.74-0.85x
+//! direct against 0.77-0.82x, both ways 0.59-0.66x against 0.51-0.59x, over
+//! two full runs) but cost more CPU per MiB (820-947 against 801-879 µs) and
+//! per new session (449-488 against 324-332 µs), and ran 0.8x userspace at
+//! 100 echo connections; choose it explicitly. A connection that cannot join the chosen path falls back
 //! to the next (sockmap, then uring, then userspace).
 
 mod shared_map;
