@@ -470,13 +470,9 @@ pub async fn raw_client(addr: SocketAddr, extra: &[u8]) -> (TcpStream, Vec<u8>) 
     (s, rest)
 }
 
-/// Accepts one connection on `l`, reads the upgrade request and answers 101
-/// (with `extra` in the same write). Returns the stream, the request head and
-/// any bytes after it.
-pub async fn raw_origin(l: &TcpListener, extra: &[u8]) -> (TcpStream, String, Vec<u8>) {
-    let (mut s, _) = l.accept().await.unwrap();
-    let (head, rest) = read_head(&mut s).await;
-    let key = head
+/// The origin's 101 head for a forwarded upgrade request head.
+pub fn switching_protocols(request_head: &str) -> String {
+    let key = request_head
         .lines()
         .find_map(|l| {
             let (k, v) = l.split_once(':')?;
@@ -484,12 +480,20 @@ pub async fn raw_origin(l: &TcpListener, extra: &[u8]) -> (TcpStream, String, Ve
                 .then(|| v.trim().to_string())
         })
         .expect("no key in the forwarded request");
-    let mut resp = format!(
+    format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Accept: {}\r\n\r\n",
         accept_key(&key)
     )
-    .into_bytes();
+}
+
+/// Accepts one connection on `l`, reads the upgrade request and answers 101
+/// (with `extra` in the same write). Returns the stream, the request head and
+/// any bytes after it.
+pub async fn raw_origin(l: &TcpListener, extra: &[u8]) -> (TcpStream, String, Vec<u8>) {
+    let (mut s, _) = l.accept().await.unwrap();
+    let (head, rest) = read_head(&mut s).await;
+    let mut resp = switching_protocols(&head).into_bytes();
     resp.extend_from_slice(extra);
     s.write_all(&resp).await.unwrap();
     (s, head, rest)

@@ -148,20 +148,9 @@ async fn a_large_pipelined_burst_arrives_whole_and_in_order() {
             // Let the burst pile up before the 101.
             tokio::time::sleep(Duration::from_millis(300)).await;
             let (head, mut got) = read_head(&mut st).await;
-            let key = head
-                .lines()
-                .find_map(|l| {
-                    let (k, v) = l.split_once(':')?;
-                    k.eq_ignore_ascii_case("sec-websocket-key")
-                        .then(|| v.trim().to_string())
-                })
-                .expect("no key");
-            let resp = format!(
-                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-                 Sec-WebSocket-Accept: {}\r\n\r\n",
-                accept_key(&key)
-            );
-            st.write_all(resp.as_bytes()).await.unwrap();
+            st.write_all(switching_protocols(&head).as_bytes())
+                .await
+                .unwrap();
             let mut chunk = vec![0u8; 1 << 16];
             while got.len() < BURST {
                 let n = st.read(&mut chunk).await.unwrap();
