@@ -213,8 +213,9 @@ pub fn run(opts: &Opts) -> Result<String, String> {
             .progress_chars("=> "),
     );
     let mut records: Vec<Record> = Vec::new();
-    // Directions the sockmap path moved to user space (backpressure), per
-    // case: its bulk figures are mostly that user-space relay then.
+    // Directions the sockmap path moved to user space, per case and reason
+    // (an index into MOVED): after a move for backpressure, a bulk figure
+    // is mostly that user-space relay's.
     let mut moved: Vec<(String, usize, usize)> = Vec::new();
     // Cases outside, repetitions next, targets inside: every target meets
     // the same machine weather within a repetition.

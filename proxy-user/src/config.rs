@@ -96,9 +96,9 @@ pub struct Limits {
     /// Default 32 MiB: what the host's TCP autotuning lets one direct
     /// connection hold (`tcp_rmem` max 32 MiB on Debian and here). The
     /// socket buffers get an eighth each, capped by `net.core.rmem_max`
-    /// and `wmem_max`. Measured in `cargo xtask bench` W1 (one way): 0.60×
-    /// direct on sockmap and 0.70× on userspace at 8 MiB; 0.79× and 0.84×
-    /// at 32 MiB.
+    /// and `wmem_max`. Measured in full `cargo xtask bench` runs, W1 one
+    /// way: 0.60× direct on sockmap and 0.65× on userspace at 8 MiB (1 MiB
+    /// socket buffers); 0.74–0.85× and 0.77–0.82× at 32 MiB.
     pub max_buffer_per_direction: u64,
     /// On the sockmap path, the last resort: the kernel drops past this many
     /// bytes behind the receiver and the pair is reset (only if user space

@@ -1,9 +1,10 @@
 //! Bounded memory: a client pushes as fast as it can for 10 s into an origin
 //! that reads 1 MB/s. The host's extra memory (kernel and process, from
 //! /proc/meminfo and /proc/net/sockstat) must stay under the per-direction
-//! bound, set to 8 MiB here (a quarter of the default) so the check is tight. "Extra" is measured against the same push on a
-//! direct connection in the same run, so the peers' own socket buffers do
-//! not count against the proxy. A naive sockmap relay took in 2.2 GiB in 5 s.
+//! bound, set to 8 MiB here (a quarter of the default) so the check is
+//! tight. "Extra" is measured against the same push on a direct connection
+//! in the same run, so the peers' own socket buffers do not count against
+//! the proxy. A naive sockmap relay took in 2.2 GiB in 5 s.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
