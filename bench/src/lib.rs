@@ -216,7 +216,7 @@ pub fn run(opts: &Opts) -> Result<String, String> {
     // Directions the sockmap path moved to user space, per case and reason
     // (an index into MOVED): after a move for backpressure, a bulk figure
     // is mostly that user-space relay's.
-    let mut moved: Vec<(String, usize, usize)> = Vec::new();
+    let mut moved: std::collections::BTreeMap<(String, usize), usize> = Default::default();
     // Cases outside, repetitions next, targets inside: every target meets
     // the same machine weather within a repetition.
     for (w, case) in &cases {
@@ -255,16 +255,13 @@ pub fn run(opts: &Opts) -> Result<String, String> {
                         continue;
                     }
                     let key = format!("{} {} {case}", t.kind.name(), w.title());
-                    match moved.iter_mut().find(|(k, r, _)| *k == key && *r == i) {
-                        Some((_, _, c)) => *c += n,
-                        None => moved.push((key, i, n)),
-                    }
+                    *moved.entry((key, i)).or_default() += n;
                 }
             }
         }
     }
     bar.finish_and_clear();
-    for (key, reason, n) in moved {
+    for ((key, reason), n) in moved {
         notes.push(format!(
             "{key}: {n} direction(s) moved from the kernel to user space over {} run(s): {}",
             plan.reps, MOVED[reason].1
