@@ -1,13 +1,12 @@
 //! What one handshake costs in user space: parse the request head, check it
-//! (RFC 6455 section 4), build the forwarded headers, and check the origin's
-//! 101. Run with `cargo bench -p proxy-user --bench handshake`.
+//! (RFC 6455 section 4), build the forwarded request, and parse and check the
+//! origin's 101. Run with `cargo bench -p proxy-user --bench handshake`.
 
 use std::hint::black_box;
 use std::net::SocketAddr;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Version};
-use sluice::handshake;
+use sluice::handshake::{self, MAX_HEADERS};
 
 const REQUEST: &[u8] = b"GET /chat?room=1 HTTP/1.1\r\n\
 Host: example.com\r\n\
@@ -20,53 +19,62 @@ Sec-WebSocket-Protocol: chat, superchat\r\n\
 Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\
 Origin: https://example.com\r\n\r\n";
 
-fn parse(head: &[u8]) -> (Method, Version, HeaderMap) {
-    let mut raw = [httparse::EMPTY_HEADER; 32];
-    let mut req = httparse::Request::new(&mut raw);
-    req.parse(head).expect("valid head");
-    let mut headers = HeaderMap::new();
-    for h in req.headers.iter() {
-        headers.append(
-            HeaderName::from_bytes(h.name.as_bytes()).expect("name"),
-            HeaderValue::from_bytes(h.value).expect("value"),
-        );
-    }
-    let method = Method::from_bytes(req.method.expect("method").as_bytes()).expect("method");
-    (method, Version::HTTP_11, headers)
-}
+const ANSWER: &[u8] = b"HTTP/1.1 101 Switching Protocols\r\n\
+Upgrade: websocket\r\n\
+Connection: Upgrade\r\n\
+Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\
+Sec-WebSocket-Protocol: chat\r\n\r\n";
 
 fn bench(c: &mut Criterion) {
     let peer: SocketAddr = "192.0.2.7:40000".parse().expect("addr");
-    let (method, version, headers) = parse(REQUEST);
-    let ws = handshake::check_request(&method, version, &headers).expect("valid");
-    let mut answer = HeaderMap::new();
-    answer.insert("upgrade", HeaderValue::from_static("websocket"));
-    answer.insert("connection", HeaderValue::from_static("Upgrade"));
-    answer.insert(
-        "sec-websocket-accept",
-        HeaderValue::from_str(&handshake::accept_key("dGhlIHNhbXBsZSBub25jZQ==")).expect("value"),
-    );
-    answer.insert("sec-websocket-protocol", HeaderValue::from_static("chat"));
+    let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let head = handshake::parse_request(REQUEST, &mut storage)
+        .expect("valid")
+        .expect("complete");
+    let ws = handshake::check_request(&head).expect("valid");
 
     c.bench_function("parse request head", |b| {
-        b.iter(|| parse(black_box(REQUEST)))
+        b.iter(|| {
+            let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            handshake::parse_request(black_box(REQUEST), &mut storage)
+                .expect("valid")
+                .map(|h| h.len)
+        })
     });
     c.bench_function("check request", |b| {
-        b.iter(|| handshake::check_request(black_box(&method), version, black_box(&headers)))
+        b.iter(|| handshake::check_request(black_box(&head)))
     });
-    c.bench_function("forward headers", |b| {
-        b.iter(|| handshake::forward_headers(black_box(&headers), peer, "http"))
+    c.bench_function("forward request", |b| {
+        b.iter(|| {
+            let mut out = Vec::with_capacity(512);
+            handshake::forward_request(black_box(&head), peer, "http", &mut out);
+            out
+        })
     });
-    c.bench_function("check 101", |b| {
-        b.iter(|| handshake::check_response(black_box(&answer), &ws))
+    c.bench_function("parse and check 101", |b| {
+        b.iter(|| {
+            let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let h = handshake::parse_response(black_box(ANSWER), &mut storage)
+                .expect("valid")
+                .expect("complete");
+            handshake::check_response(h.headers, &ws).map(|p| p.is_some())
+        })
     });
     c.bench_function("whole handshake phase", |b| {
         b.iter(|| {
-            let (m, v, h) = parse(black_box(REQUEST));
-            let ws = handshake::check_request(&m, v, &h).expect("valid");
-            let fwd = handshake::forward_headers(&h, peer, "http");
-            handshake::check_response(&answer, &ws).expect("valid");
-            fwd
+            let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let head = handshake::parse_request(black_box(REQUEST), &mut storage)
+                .expect("valid")
+                .expect("complete");
+            let ws = handshake::check_request(&head).expect("valid");
+            let mut out = Vec::with_capacity(512);
+            handshake::forward_request(&head, peer, "http", &mut out);
+            let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let h = handshake::parse_response(black_box(ANSWER), &mut storage)
+                .expect("valid")
+                .expect("complete");
+            handshake::check_response(h.headers, &ws).expect("valid");
+            out
         })
     });
 }

@@ -12,5 +12,6 @@ pub mod error;
 pub mod handshake;
 pub mod lifecycle;
 pub mod logwriter;
+pub mod response_body;
 pub mod server;
 pub mod sockopt;

@@ -1,42 +1,44 @@
-//! One client connection, phase by phase.
+//! One client connection, phase by phase, in one task.
 //!
 //! | phase | runs | result |
 //! |---|---|---|
 //! | **accept** | [`crate::server`] accepts TCP; buffers are sized to the per-direction bound | a socket |
-//! | **handshake** | hyper reads the request head (`timeouts.handshake_ms`, 8 KiB head); [`handshake::check_request`] | a [`WsRequest`], or 400/426/431/408 and close |
+//! | **handshake** | reads the request head (`timeouts.handshake_ms`, at most [`MAX_HEAD`]); [`handshake::parse_request`], [`handshake::check_request`] | the forwarded request, or 400/426/431/408 and close |
 //! | **waf** | hook for rules on the handshake; allows everything today | continue, or a status |
 //! | **route** | the listener's origin | an address |
 //! | **connect** | TCP connect (`timeouts.origin_connect_ms`) | a socket, or 502 (refused) / 504 (timeout) |
-//! | **upgrade** | forwards the handshake, awaits the answer (`timeouts.origin_response_ms`), checks the 101 | the 101 relayed; a non-101 relayed unchanged; 502/504 |
-//! | **hand-off** | recovers both raw sockets and their read-ahead bytes; [`DataPaths::relay`] | bytes flow on a data path |
+//! | **upgrade** | sends the request, reads the answer (`timeouts.origin_response_ms`), [`handshake::check_response`] | the 101 relayed as sent; a non-101 relayed with its body, then close; 502/504 |
+//! | **hand-off** | both sockets and the bytes read past each head; [`DataPaths::relay`] | bytes flow on a data path |
 //! | **close** | the data path reports | access log line with bytes, duration, reason |
 //!
-//! Errors carry their [`Source`](crate::error::Source) and whether a retry is safe.
+//! Errors carry their [`Source`](crate::error::Source) and whether a retry
+//! is safe. The heads are read into one buffer per connection, which is
+//! freed before the hand-off; an idle relayed connection holds none.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Request, Response, StatusCode, Version};
-use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use http::StatusCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::accounting::Accounting;
 use crate::config::Config;
 use crate::datapath::{DataPaths, Pair};
 use crate::error::ProxyError;
-use crate::handshake::{self, WsRequest};
+pub use crate::handshake::MAX_HEAD;
+use crate::handshake::{self, Reject, WsRequest, MAX_HEADERS};
+use crate::response_body::{self, Chunked, Framing};
 
-/// Largest request head accepted (hyper's smallest buffer); larger gets 431.
-pub const MAX_HEAD: usize = 8192;
+/// First size of the head buffer; it grows once, to [`MAX_HEAD`].
+const FIRST_READ: usize = 4096;
 
-type Body = BoxBody<Bytes, hyper::Error>;
+/// How long a refused client gets to take its answer, and then how long
+/// Sluice reads and drops what it still sends before closing.
+const LINGER: Duration = Duration::from_secs(1);
 
 /// What every connection of one listener shares.
 pub struct ListenerCtx {
@@ -48,221 +50,407 @@ pub struct ListenerCtx {
     pub paths: Arc<DataPaths>,
 }
 
+/// A request head that passed the handshake phase.
+struct Accepted {
+    ws: WsRequest,
+    /// The path, for the access log.
+    path: String,
+    /// The request to send to the origin.
+    forward: Vec<u8>,
+    /// Length of the client's head; bytes after it are WebSocket frames.
+    head_len: usize,
+}
+
+/// A client the handshake phase refuses (or that went away first).
+enum Refused {
+    /// Closed or reset before sending anything: nothing to answer.
+    Silent,
+    /// Answer with a status; the path when the head got that far.
+    Answer(ProxyError, String),
+}
+
+/// The origin's answer to the forwarded request.
+enum Answer {
+    /// A valid 101: its head is the first `head_len` bytes.
+    Upgrade {
+        head_len: usize,
+        protocol: Option<String>,
+    },
+    /// A 1xx other than 101: dropped, the real answer follows.
+    Interim { head_len: usize },
+    /// Any other status: relay `head` and the body, then close.
+    Other {
+        code: u16,
+        head: Vec<u8>,
+        head_len: usize,
+        framing: Framing,
+    },
+}
+
 /// Runs one client connection through every phase. Never fails: errors are
 /// answered to the client and logged.
-pub async fn serve_client(stream: TcpStream, peer: SocketAddr, ctx: Arc<ListenerCtx>) {
-    // To answer when hyper gives up without writing a response (truncated
-    // head, header timeout). Hyper keeps the socket until `conn` is dropped,
-    // so the number stays valid while `conn` lives (no dup per connection).
-    let raw = stream.as_raw_fd();
-    let svc_ctx = ctx.clone();
-    let svc = service_fn(move |req| {
-        let ctx = svc_ctx.clone();
-        async move { Ok::<_, Infallible>(handle(req, peer, ctx).await) }
-    });
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(ctx.cfg.timeouts.handshake())
-        .max_buf_size(MAX_HEAD)
-        .title_case_headers(true)
-        .serve_connection(TokioIo::new(stream), svc)
-        .with_upgrades();
-    let mut conn = std::pin::pin!(conn);
-    if let Err(e) = conn.as_mut().await {
-        let answer = if e.is_timeout() {
-            Some((
+pub async fn serve_client(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ListenerCtx>) {
+    let t = &ctx.cfg.timeouts;
+    let mut buf = vec![0u8; FIRST_READ];
+    // Phase: handshake.
+    let read = tokio::time::timeout(t.handshake(), read_request(&mut client, &mut buf, peer)).await;
+    let (req, mut len) = match read {
+        Ok(Ok(r)) => r,
+        Ok(Err(Refused::Silent)) => return,
+        Ok(Err(Refused::Answer(e, path))) => return refuse(client, peer, &path, e).await,
+        Err(_) => {
+            let e = ProxyError::client(
+                "handshake",
                 StatusCode::REQUEST_TIMEOUT,
                 "request head not received in time",
-            ))
-        } else if e.is_incomplete_message() {
-            Some((StatusCode::BAD_REQUEST, "truncated request head"))
-        } else {
-            None
-        };
-        tracing::debug!(%peer, "client connection ended: {e}");
-        if let Some((status, reason)) = answer {
-            // SAFETY: `conn` is alive and still owns the socket (see above).
-            write_raw_error(unsafe { crate::sockopt::borrow(raw) }, status, reason);
-        }
-    }
-}
-
-/// Best-effort answer on a socket hyper has given up on.
-fn write_raw_error(fd: std::os::fd::BorrowedFd<'_>, status: StatusCode, reason: &str) {
-    let text = format!(
-        "HTTP/1.1 {} {}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{reason}\n",
-        status.as_u16(),
-        status.canonical_reason().unwrap_or(""),
-        reason.len() + 1
-    );
-    // A short answer fits in the empty send buffer of a fresh connection.
-    let _ = socket2::SockRef::from(&fd).send(text.as_bytes());
-}
-
-async fn handle(req: Request<Incoming>, peer: SocketAddr, ctx: Arc<ListenerCtx>) -> Response<Body> {
-    let path = req.uri().path().to_string();
-    match upgrade(req, peer, &ctx).await {
-        Ok(resp) => resp,
-        Err(e) => {
-            tracing::info!(
-                target: "access",
-                %peer,
-                path,
-                status = e.status.as_u16(),
-                source = %e.source_side,
-                phase = e.phase,
-                retry_safe = e.retry_safe,
-                "refused: {}",
-                e.reason
             );
-            error_response(&e)
+            return refuse(client, peer, "", e).await;
         }
-    }
-}
-
-fn error_response(e: &ProxyError) -> Response<Body> {
-    let mut resp = Response::new(full(format!("{}\n", e.reason)));
-    *resp.status_mut() = e.status;
-    let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    h.insert(header::CONNECTION, HeaderValue::from_static("close"));
-    if e.status == StatusCode::UPGRADE_REQUIRED {
-        h.insert(
-            header::SEC_WEBSOCKET_VERSION,
-            HeaderValue::from_static("13"),
-        );
-        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    }
-    resp
-}
-
-fn full(s: impl Into<Bytes>) -> Body {
-    Full::new(s.into()).map_err(|never| match never {}).boxed()
-}
-
-/// Phases handshake to upgrade; spawns the hand-off.
-async fn upgrade(
-    mut req: Request<Incoming>,
-    peer: SocketAddr,
-    ctx: &ListenerCtx,
-) -> Result<Response<Body>, ProxyError> {
-    // Phase: handshake.
-    let ws = handshake::check_request(req.method(), req.version(), req.headers())
-        .map_err(|r| ProxyError::client("handshake", r.status, r.reason))?;
+    };
+    let Accepted {
+        ws,
+        path,
+        forward,
+        head_len,
+    } = req;
     // Phase: waf (nothing to check yet). Phase: route.
     let origin_addr = ctx.origin;
     // Phase: connect.
-    let t = &ctx.cfg.timeouts;
-    let stream = tokio::time::timeout(t.origin_connect(), connect(origin_addr, ctx))
-        .await
-        .map_err(|_| {
-            ProxyError::origin(
-                "connect",
-                StatusCode::GATEWAY_TIMEOUT,
-                true,
-                format!("origin {origin_addr} did not accept the connection in time"),
-            )
-        })?
-        .map_err(|e| {
-            ProxyError::origin(
+    let connected = tokio::time::timeout(t.origin_connect(), connect(origin_addr, &ctx)).await;
+    let mut origin = match connected {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            let e = ProxyError::origin(
                 "connect",
                 StatusCode::BAD_GATEWAY,
                 true,
                 format!("origin {origin_addr} cannot be reached: {e}"),
-            )
-        })?;
+            );
+            return refuse(client, peer, &path, e).await;
+        }
+        Err(_) => {
+            let e = ProxyError::origin(
+                "connect",
+                StatusCode::GATEWAY_TIMEOUT,
+                true,
+                format!("origin {origin_addr} did not accept the connection in time"),
+            );
+            return refuse(client, peer, &path, e).await;
+        }
+    };
     // Phase: upgrade.
-    let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
-        .title_case_headers(true)
-        .handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
-        .await
-        .map_err(|e| origin_err("upgrade", StatusCode::BAD_GATEWAY, e))?;
-    tokio::spawn(conn.with_upgrades());
-    let mut oreq = Request::new(Empty::<Bytes>::new());
-    *oreq.uri_mut() = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/")
-        .parse()
-        .map_err(|_| {
-            ProxyError::client("handshake", StatusCode::BAD_REQUEST, "bad request target")
-        })?;
-    *oreq.version_mut() = Version::HTTP_11;
-    *oreq.headers_mut() = handshake::forward_headers(req.headers(), peer, "http");
-    let mut oresp = tokio::time::timeout(t.origin_response(), sender.send_request(oreq))
-        .await
-        .map_err(|_| {
-            ProxyError::origin(
+    if let Err(e) = origin.write_all(&forward).await {
+        let e = ProxyError::origin(
+            "upgrade",
+            StatusCode::BAD_GATEWAY,
+            true,
+            format!("origin: cannot send the handshake: {e}"),
+        );
+        return refuse(client, peer, &path, e).await;
+    }
+    drop(forward);
+    // The client's frames sent behind its head go to the origin after the 101.
+    let client_ahead = Bytes::copy_from_slice(&buf[head_len..len]);
+    len = 0;
+    let answer = tokio::time::timeout(
+        t.origin_response(),
+        read_answer(&mut origin, &mut buf, &mut len, &ws),
+    )
+    .await;
+    let answer = match answer {
+        Ok(Ok(a)) => a,
+        Ok(Err(e)) => return refuse(client, peer, &path, e).await,
+        Err(_) => {
+            let e = ProxyError::origin(
                 "upgrade",
                 StatusCode::GATEWAY_TIMEOUT,
                 false,
                 "origin did not answer the handshake in time",
+            );
+            return refuse(client, peer, &path, e).await;
+        }
+    };
+    let (head_len, protocol) = match answer {
+        Answer::Upgrade { head_len, protocol } => (head_len, protocol),
+        Answer::Interim { .. } => unreachable!("read_answer skips interim answers"),
+        Answer::Other {
+            code,
+            head,
+            head_len,
+            framing,
+        } => {
+            // Not upgraded: relay the origin's answer, then close.
+            tracing::info!(target: "access", %peer, path, status = code, "origin refused the upgrade");
+            let wait = t.origin_response();
+            if let Err(why) = relay_answer(
+                &mut origin,
+                &mut client,
+                &head,
+                &mut buf,
+                head_len,
+                len,
+                framing,
+                wait,
             )
-        })?
-        .map_err(|e| origin_err("upgrade", StatusCode::BAD_GATEWAY, e))?;
-    if oresp.status() != StatusCode::SWITCHING_PROTOCOLS {
-        // Not upgraded: relay the origin's answer as it is.
-        tracing::info!(target: "access", %peer, path = req.uri().path(), status = oresp.status().as_u16(), "origin refused the upgrade");
-        let (parts, body) = oresp.into_parts();
-        return Ok(Response::from_parts(parts, body.boxed()));
+            .await
+            {
+                tracing::debug!(%peer, "origin's answer cut short: {why}");
+                return;
+            }
+            drop(origin);
+            return linger_close(client).await;
+        }
+    };
+    // The 101 goes to the client as the origin sent it.
+    if client.write_all(&buf[..head_len]).await.is_err() {
+        tracing::debug!(%peer, "client went away before the hand-off");
+        return;
     }
-    handshake::check_response(oresp.headers(), &ws)
-        .map_err(|r| ProxyError::origin("upgrade", r.status, false, r.reason))?;
-    let mut resp = Response::new(full(Bytes::new()));
-    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    *resp.headers_mut() = oresp.headers().clone();
-    let origin_up = hyper::upgrade::on(&mut oresp)
-        .await
-        .map_err(|e| origin_err("upgrade", StatusCode::BAD_GATEWAY, e))?;
-    let origin_parts = origin_up
-        .downcast::<TokioIo<TcpStream>>()
-        .map_err(|_| ProxyError::internal("upgrade", "origin connection is not a TCP stream"))?;
-    let client_up = hyper::upgrade::on(&mut req);
     tracing::info!(
         target: "access",
         %peer,
-        path = req.uri().path(),
+        path,
         origin = %origin_addr,
-        protocol = resp.headers().get(header::SEC_WEBSOCKET_PROTOCOL).and_then(|v| v.to_str().ok()).unwrap_or(""),
+        protocol = protocol.as_deref().unwrap_or(""),
         status = 101,
         "upgraded"
     );
-    let paths = ctx.paths.clone();
-    let path = req.uri().path().to_string();
-    tokio::spawn(async move {
-        // Phase: hand-off, once hyper has written the 101.
-        let client = match client_up.await.map(|u| u.downcast::<TokioIo<TcpStream>>()) {
-            Ok(Ok(p)) => p,
-            _ => {
-                tracing::debug!(%peer, "client went away before the hand-off");
-                return;
+    let pair = Pair {
+        client,
+        client_ahead,
+        origin_ahead: Bytes::copy_from_slice(&buf[head_len..len]),
+        origin,
+    };
+    // An idle relayed connection holds no head buffer.
+    drop((buf, ws, protocol));
+    hand_off(pair, peer, path, ctx.paths.clone()).await;
+}
+
+/// Reads the client's head until it is complete and checks it.
+async fn read_request(
+    client: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    peer: SocketAddr,
+) -> Result<(Accepted, usize), Refused> {
+    let mut len = 0;
+    loop {
+        if len == buf.len() {
+            // Only from FIRST_READ: a head that fills MAX_HEAD is refused.
+            buf.resize(MAX_HEAD, 0);
+        }
+        let n = client
+            .read(&mut buf[len..])
+            .await
+            .map_err(|_| Refused::Silent)?;
+        if n == 0 {
+            if len == 0 {
+                return Err(Refused::Silent);
             }
+            let e = ProxyError::client(
+                "handshake",
+                StatusCode::BAD_REQUEST,
+                "truncated request head",
+            );
+            return Err(Refused::Answer(e, String::new()));
+        }
+        len += n;
+        match accept_request(&buf[..len], peer) {
+            Ok(Some(a)) => return Ok((a, len)),
+            Ok(None) => {}
+            Err((r, path)) => {
+                return Err(Refused::Answer(
+                    ProxyError::client("handshake", r.status, r.reason),
+                    path,
+                ))
+            }
+        }
+    }
+}
+
+/// Parses and checks a head, and builds the forwarded request. `Ok(None)`:
+/// incomplete.
+fn accept_request(buf: &[u8], peer: SocketAddr) -> Result<Option<Accepted>, (Reject, String)> {
+    let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let head = match handshake::parse_request(buf, &mut storage) {
+        Ok(Some(h)) => h,
+        Ok(None) => return Ok(None),
+        Err(r) => return Err((r, String::new())),
+    };
+    let path = head.target.split('?').next().unwrap_or("").to_string();
+    let ws = match handshake::check_request(&head) {
+        Ok(ws) => ws,
+        Err(r) => return Err((r, path)),
+    };
+    let mut forward = Vec::with_capacity(head.len + 160);
+    handshake::forward_request(&head, peer, "http", &mut forward);
+    Ok(Some(Accepted {
+        ws,
+        path,
+        forward,
+        head_len: head.len,
+    }))
+}
+
+/// Reads the origin's answer into `buf[..len]`, skipping interim 1xx
+/// answers. Any failure is the origin's: 502.
+async fn read_answer(
+    origin: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    len: &mut usize,
+    ws: &WsRequest,
+) -> Result<Answer, ProxyError> {
+    let fail =
+        |reason: String| ProxyError::origin("upgrade", StatusCode::BAD_GATEWAY, false, reason);
+    loop {
+        if *len > 0 {
+            match classify(&buf[..*len], ws) {
+                Ok(Some(Answer::Interim { head_len })) => {
+                    buf.copy_within(head_len..*len, 0);
+                    *len -= head_len;
+                    continue;
+                }
+                Ok(Some(a)) => return Ok(a),
+                Ok(None) => {}
+                Err(r) => return Err(fail(r.reason.to_string())),
+            }
+        }
+        if *len == buf.len() {
+            buf.resize(MAX_HEAD, 0);
+        }
+        match origin.read(&mut buf[*len..]).await {
+            Ok(0) => return Err(fail("origin closed the connection before answering".into())),
+            Ok(n) => *len += n,
+            Err(e) => return Err(fail(format!("origin: {e}"))),
+        }
+    }
+}
+
+/// Parses and checks the origin's answer. `Ok(None)`: incomplete.
+fn classify(buf: &[u8], ws: &WsRequest) -> Result<Option<Answer>, Reject> {
+    let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let Some(head) = handshake::parse_response(buf, &mut storage)? else {
+        return Ok(None);
+    };
+    Ok(Some(match head.code {
+        101 => Answer::Upgrade {
+            head_len: head.len,
+            protocol: handshake::check_response(head.headers, ws)?.map(str::to_string),
+        },
+        100..=199 => Answer::Interim { head_len: head.len },
+        code => Answer::Other {
+            code,
+            head: handshake::relayed_response(&head),
+            head_len: head.len,
+            framing: response_body::framing(&head)?,
+        },
+    }))
+}
+
+/// Relays a non-101 answer: `head`, then exactly its body, the start of which
+/// is `buf[start..len]`. `Err` says why it stopped early.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site; a struct would only rename them"
+)]
+async fn relay_answer(
+    origin: &mut TcpStream,
+    client: &mut TcpStream,
+    head: &[u8],
+    buf: &mut [u8],
+    mut start: usize,
+    mut len: usize,
+    framing: Framing,
+    wait: Duration,
+) -> Result<(), String> {
+    client
+        .write_all(head)
+        .await
+        .map_err(|e| format!("client: {e}"))?;
+    let mut chunked = Chunked::default();
+    let mut left = match framing {
+        Framing::Length(n) => n,
+        _ => 0,
+    };
+    loop {
+        let avail = &buf[start..len];
+        let (take, done) = match framing {
+            Framing::Empty => (0, true),
+            Framing::Length(_) => {
+                let k = left.min(avail.len() as u64);
+                left -= k;
+                (k as usize, left == 0)
+            }
+            Framing::UntilClose => (avail.len(), false),
+            Framing::Chunked => chunked.advance(avail).map_err(|r| r.reason.to_string())?,
         };
-        // The read-ahead is a slice of hyper's read buffer (8 KiB or more);
-        // a copy lets that buffer go now, not when the connection ends.
-        let pair = Pair {
-            client_ahead: Bytes::copy_from_slice(&client.read_buf),
-            client: client.io.into_inner(),
-            origin_ahead: Bytes::copy_from_slice(&origin_parts.read_buf),
-            origin: origin_parts.io.into_inner(),
+        client
+            .write_all(&buf[start..start + take])
+            .await
+            .map_err(|e| format!("client: {e}"))?;
+        start += take;
+        if done {
+            return Ok(());
+        }
+        // Keep what is not relayed yet at the front, and read more.
+        buf.copy_within(start..len, 0);
+        len -= start;
+        start = 0;
+        let n = match tokio::time::timeout(wait, origin.read(&mut buf[len..])).await {
+            Err(_) => return Err("origin stopped sending its answer".into()),
+            Ok(Err(e)) => return Err(format!("origin: {e}")),
+            Ok(Ok(n)) => n,
         };
-        // Moving `io` out leaves the other fields alive to the end of the
-        // scope; the buffers are gone now.
-        drop((client.read_buf, origin_parts.read_buf));
-        hand_off(pair, peer, path, ws, paths).await;
-    });
-    Ok(resp)
+        if n == 0 {
+            return match framing {
+                Framing::UntilClose => Ok(()),
+                _ => Err("origin closed before the end of its answer".into()),
+            };
+        }
+        len += n;
+    }
+}
+
+/// Logs a refusal, answers it, and closes.
+async fn refuse(mut client: TcpStream, peer: SocketAddr, path: &str, e: ProxyError) {
+    tracing::info!(
+        target: "access",
+        %peer,
+        path,
+        status = e.status.as_u16(),
+        source = %e.source_side,
+        phase = e.phase,
+        retry_safe = e.retry_safe,
+        "refused: {}",
+        e.reason
+    );
+    let answer = handshake::error_response(e.status, &e.reason);
+    if tokio::time::timeout(LINGER, client.write_all(&answer))
+        .await
+        .is_ok_and(|r| r.is_ok())
+    {
+        linger_close(client).await;
+    }
+}
+
+/// Closes after an answer the way nginx's lingering close does: FIN first,
+/// then read and drop what the client still sends (for at most [`LINGER`]
+/// and 64 KiB), so that unread bytes do not turn the close into a reset
+/// that could destroy the answer before the client reads it.
+async fn linger_close(mut client: TcpStream) {
+    let _ = client.shutdown().await;
+    let mut sink = vec![0u8; 4096];
+    let _ = tokio::time::timeout(LINGER, async {
+        for _ in 0..16 {
+            if !matches!(client.read(&mut sink).await, Ok(n) if n > 0) {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// Phases hand-off and close.
-async fn hand_off(
-    pair: Pair,
-    peer: SocketAddr,
-    path: String,
-    _ws: WsRequest,
-    paths: Arc<DataPaths>,
-) {
+async fn hand_off(pair: Pair, peer: SocketAddr, path: String, paths: Arc<DataPaths>) {
     let started = Instant::now();
     let acct = Arc::new(Accounting::default());
     let (path_used, reason) = paths.relay(pair, acct.clone()).await;
@@ -288,8 +476,4 @@ async fn connect(addr: SocketAddr, ctx: &ListenerCtx) -> std::io::Result<TcpStre
     crate::sockopt::bound_buffers(sock.as_fd(), ctx.cfg.limits.max_buffer_per_direction);
     sock.set_nodelay(true)?;
     sock.connect(addr).await
-}
-
-fn origin_err(phase: &'static str, status: StatusCode, e: hyper::Error) -> ProxyError {
-    ProxyError::origin(phase, status, false, format!("origin: {e}"))
 }

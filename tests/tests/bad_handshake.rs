@@ -266,3 +266,105 @@ async fn origin_failures_map_to_502_and_504() {
         );
     }
 }
+
+/// An origin on `l` that reads one request head, writes `answer`, and then
+/// holds its connection open until the test ends (as a keep-alive server
+/// would). Returns the head it read.
+fn holding_origin(l: TcpListener, answer: &'static [u8]) -> tokio::task::JoinHandle<String> {
+    tokio::spawn(async move {
+        let (mut o, _) = l.accept().await.unwrap();
+        let (head, _) = read_head(&mut o).await;
+        o.write_all(answer).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        head
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origin_answers_end_where_their_framing_says() {
+    for mode in modes() {
+        // Chunked, from an origin that keeps its connection open: the client
+        // gets the whole body, then a close, long before any timeout.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let s = Sluice::start(mode, l.local_addr().unwrap());
+        let o = holding_origin(
+            l,
+            b"HTTP/1.1 401 Unauthorized\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\
+              Keep-Alive: timeout=60\r\n\r\n6\r\nlog in\r\n3;x=y\r\n...\r\n0\r\n\r\n",
+        );
+        let a = ask(s.addr, upgrade_request("x").as_bytes(), false).await;
+        assert!(
+            a.starts_with("HTTP/1.1 401 Unauthorized\r\n"),
+            "{mode:?}: {a}"
+        );
+        assert!(a.contains("\r\nConnection: close\r\n"), "{mode:?}: {a}");
+        assert!(
+            !a.to_ascii_lowercase().contains("keep-alive"),
+            "{mode:?}: {a}"
+        );
+        assert!(
+            a.ends_with("\r\n\r\n6\r\nlog in\r\n3;x=y\r\n...\r\n0\r\n\r\n"),
+            "{mode:?}: {a}"
+        );
+        o.abort();
+        drop(s);
+
+        // Content-Length, same kind of origin.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let s = Sluice::start(mode, l.local_addr().unwrap());
+        let o = holding_origin(
+            l,
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 10\r\n\r\nno room.\r\n",
+        );
+        let a = ask(s.addr, upgrade_request("x").as_bytes(), false).await;
+        assert!(a.starts_with("HTTP/1.1 404 Not Found\r\n"), "{mode:?}: {a}");
+        assert!(a.ends_with("\r\n\r\nno room.\r\n"), "{mode:?}: {a}");
+        o.abort();
+        drop(s);
+
+        // An interim 103 before the 101 is dropped; the session works.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let s = Sluice::start(mode, l.local_addr().unwrap());
+        let o = tokio::spawn(async move {
+            let (mut o, _) = l.accept().await.unwrap();
+            let (head, _) = read_head(&mut o).await;
+            let answer = format!(
+                "HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n{}hello",
+                switching_protocols(&head)
+            );
+            o.write_all(answer.as_bytes()).await.unwrap();
+            let mut got = [0u8; 5];
+            o.read_exact(&mut got).await.unwrap();
+            got
+        });
+        let mut c = TcpStream::connect(s.addr).await.unwrap();
+        c.write_all(upgrade_request("x").as_bytes()).await.unwrap();
+        let (head, after) = read_head(&mut c).await;
+        assert!(head.starts_with("HTTP/1.1 101 "), "{mode:?}: {head}");
+        assert!(!head.contains("103"), "{mode:?}: {head}");
+        let mut rest = after;
+        while rest.len() < 5 {
+            let mut b = [0u8; 16];
+            let n = c.read(&mut b).await.unwrap();
+            assert!(n > 0, "{mode:?}: closed after the 101");
+            rest.extend_from_slice(&b[..n]);
+        }
+        assert_eq!(&rest[..], b"hello", "{mode:?}");
+        c.write_all(b"world").await.unwrap();
+        assert_eq!(&o.await.unwrap(), b"world", "{mode:?}");
+        drop(s);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_with_a_body_is_refused() {
+    let (origin, _h) = echo_origin().await;
+    let s = Sluice::start(modes()[0], origin);
+    let req = upgrade_request("x").replacen("\r\n\r\n", "\r\nContent-Length: 4\r\n\r\nbody", 1);
+    let a = ask(s.addr, req.as_bytes(), false).await;
+    assert!(a.starts_with("HTTP/1.1 400 "), "{a}");
+    assert!(a.contains("no body"), "{a}");
+    let line = s.wait_log("refused:", Duration::from_secs(5));
+    assert!(line.contains("status=400"), "{line}");
+    assert!(line.contains("source=client"), "{line}");
+}

@@ -8,9 +8,9 @@
 //! loop only for the three things a naive relay gets wrong
 //! (`shared/datapath-facts.md`):
 //!
-//! 1. **Bytes that came with the handshake.** Hyper's read-ahead is written
-//!    first, then each socket's TCP queue is read empty in one large read
-//!    (hyper's small reads can leave an skb half-read, and the verdict would
+//! 1. **Bytes that came with the handshake.** The handshake's read-ahead is
+//!    written first, then each socket's TCP queue is read empty in one large
+//!    read (the handshake's bounded reads can leave an skb half-read, and the verdict would
 //!    see it whole and send its head twice). After the sockets join the
 //!    maps, `SO_RCVLOWAT` makes TCP call `sk_data_ready` once, so skbs that
 //!    arrived in between go through the verdict at once, in order, instead of
@@ -348,7 +348,7 @@ impl Sockmap {
         if client.write_all(&origin_ahead).await.is_err() {
             return Ok(reset_both(&client, &origin, Side::Client));
         }
-        // Hyper's small reads may have taken part of an skb; the verdict
+        // The handshake's bounded reads may have taken part of an skb; the verdict
         // would later see that skb whole and send its head twice. One large
         // read empties each TCP queue, so whatever is left is whole skbs.
         let c_queued = match take_queued(&client, &mut origin, Side::Client).await {

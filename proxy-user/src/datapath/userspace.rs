@@ -62,9 +62,8 @@ pub async fn relay(pair: Pair, acct: Arc<Accounting>) -> CloseReason {
 }
 
 /// Waits until `s` is readable. `poll_read_ready` keeps one waker per
-/// socket and replaces the previous one, which here belongs to the hyper
-/// task that read the handshake; `readable()` would queue a new waiter and
-/// keep that task's memory alive for the connection's whole life.
+/// socket and replaces the previous one (the handshake's reads used the
+/// same slot); `readable()` would queue a waiter on every call instead.
 async fn read_ready(s: &TcpStream) -> std::io::Result<()> {
     std::future::poll_fn(|cx| s.poll_read_ready(cx)).await
 }
