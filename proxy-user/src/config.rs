@@ -8,6 +8,7 @@
 //! max_buffer_per_direction = 33554432  # bytes held in the proxy per direction
 //! sockmap_max_queued = 268435456       # sockmap: hard limit (reset) if user space is too late
 //! sockmap_max_connections = 32768      # sockmap: more connections fall back to uring
+//! sockmap_promote_after_ms = 200       # sockmap: user space first, the kernel once this old and idle
 //!
 //! [timeouts]
 //! handshake_ms = 10000         # client must send its request head within this
@@ -107,6 +108,13 @@ pub struct Limits {
     /// How many connections the sockmap path carries at once; the next ones
     /// fall back to the next path (uring, then userspace), with a log line.
     pub sockmap_max_connections: u32,
+    /// On the sockmap path, a connection starts in the user-space relay and
+    /// joins the kernel path once it is this old and both directions are
+    /// idle at the same moment; 0 joins at the 101. Joining and leaving the
+    /// maps costs about 125-155 CPU-µs per session (W4 in `cargo xtask
+    /// bench`), more than a short session spends relaying, so sessions
+    /// shorter than this never pay it.
+    pub sockmap_promote_after_ms: u64,
 }
 
 impl Default for Limits {
@@ -115,6 +123,7 @@ impl Default for Limits {
             max_buffer_per_direction: 32 << 20,
             sockmap_max_queued: 256 << 20,
             sockmap_max_connections: proxy_common::MAX_SOCKETS / 2,
+            sockmap_promote_after_ms: 200,
         }
     }
 }
@@ -245,6 +254,12 @@ impl Config {
             return Err(invalid(
                 "limits.sockmap_max_connections",
                 &format!("must be between 1 and {most} (two sockets each)"),
+            ));
+        }
+        if self.limits.sockmap_promote_after_ms > 86_400_000 {
+            return Err(invalid(
+                "limits.sockmap_promote_after_ms",
+                "must be at most 86400000 (one day)",
             ));
         }
         if self.limits.max_buffer_per_direction < (256 << 10) {

@@ -28,6 +28,10 @@ struct Cli {
     /// Data path after the 101 (overrides the config file).
     #[arg(long, value_enum)]
     datapath: Option<DataPathChoice>,
+    /// On the sockmap path, join the kernel once a connection is this old
+    /// and idle; 0 at the 101 (overrides `limits.sockmap_promote_after_ms`).
+    #[arg(long)]
+    sockmap_promote_after_ms: Option<u64>,
     /// Log filter, as RUST_LOG (default: info).
     #[arg(long)]
     log: Option<String>,
@@ -76,6 +80,9 @@ fn main() -> Result<()> {
     }
     if let Some(d) = cli.datapath {
         cfg.datapath = d;
+    }
+    if let Some(ms) = cli.sockmap_promote_after_ms {
+        cfg.limits.sockmap_promote_after_ms = ms;
     }
     let cfg = cfg.validate(std::path::Path::new("<flags>"))?;
 

@@ -128,6 +128,21 @@ impl Sluice {
         Sluice::spawn(mode, addr, args, None)
     }
 
+    /// Starts sluice from flags in front of `origin`, with sockmap's
+    /// promotion after `ms` (the other paths ignore it).
+    pub fn start_promoting(mode: Mode, origin: SocketAddr, ms: u64) -> Sluice {
+        let addr = free_addr();
+        let args = vec![
+            "--listen".to_string(),
+            addr.to_string(),
+            "--origin".into(),
+            origin.to_string(),
+            "--sockmap-promote-after-ms".into(),
+            ms.to_string(),
+        ];
+        Sluice::spawn(mode, addr, args, None)
+    }
+
     /// Starts sluice in front of `origin` with `limits.max_buffer_per_direction
     /// = bound`.
     pub fn start_bounded(mode: Mode, origin: SocketAddr, bound: u64) -> Sluice {
@@ -175,6 +190,11 @@ impl Sluice {
         config: Option<PathBuf>,
     ) -> Sluice {
         args.extend(["--datapath".to_string(), mode.flag().to_string()]);
+        // Every sockmap test joins the kernel path at the 101, so that the
+        // hand-off is what it tests; `start_promoting` tests the delay.
+        if mode == Mode::Sockmap && !args.iter().any(|a| a == "--sockmap-promote-after-ms") {
+            args.extend(["--sockmap-promote-after-ms".to_string(), "0".to_string()]);
+        }
         let bin = sluice_bin();
         let mut cmd = if mode == Mode::Unprivileged && is_root() {
             let mut c = Command::new("setpriv");

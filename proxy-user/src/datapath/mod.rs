@@ -158,6 +158,8 @@ pub struct DataPaths {
     pub why: String,
     sockmap: Option<Arc<sockmap::Sockmap>>,
     uring: Option<uring::UringRelay>,
+    /// `limits.sockmap_promote_after_ms`.
+    promote_after: std::time::Duration,
 }
 
 impl DataPaths {
@@ -210,6 +212,7 @@ impl DataPaths {
             why,
             sockmap,
             uring: uring.ok(),
+            promote_after: std::time::Duration::from_millis(limits.sockmap_promote_after_ms),
         })
     }
 
@@ -234,6 +237,13 @@ impl DataPaths {
         let mut pair = pair;
         if self.primary == DataPath::Sockmap {
             if let Some(sm) = &self.sockmap {
+                if !self.promote_after.is_zero() {
+                    let first = userspace::relay_until_idle(pair, acct.clone(), self.promote_after);
+                    match Box::pin(first).await {
+                        Ok(reason) => return (DataPath::Userspace, reason),
+                        Err(p) => pair = p,
+                    }
+                }
                 match Box::pin(sm.relay(pair, acct.clone())).await {
                     Ok(reason) => return (DataPath::Sockmap, reason),
                     Err(f) => {

@@ -7,9 +7,12 @@
 //! on the other after every byte read has been written. A reset or error on
 //! either side resets both.
 
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 
 use super::{CloseReason, Pair, Side};
 use crate::accounting::Accounting;
@@ -37,6 +40,15 @@ enum Step {
     Again,
 }
 
+/// How a pump stopped without an error.
+#[derive(Debug, PartialEq, Eq)]
+enum Finish {
+    /// The source sent FIN, and it was passed on.
+    Eof,
+    /// Both directions were idle past the promotion time.
+    Promoted,
+}
+
 /// Relays until both directions have closed, or one side reset.
 pub async fn relay(pair: Pair, acct: Arc<Accounting>) -> CloseReason {
     let Pair {
@@ -46,17 +58,120 @@ pub async fn relay(pair: Pair, acct: Arc<Accounting>) -> CloseReason {
         origin_ahead,
     } = pair;
     let result = tokio::try_join!(
-        pump(&client, &origin, client_ahead, &acct, true),
-        pump(&origin, &client, origin_ahead, &acct, false)
+        pump(&client, &origin, client_ahead, &acct, true, None),
+        pump(&origin, &client, origin_ahead, &acct, false, None)
     );
+    ended(result.map(|_| ()), &client, &origin)
+}
+
+/// Relays like [`relay`] until the connection is `after` old and both
+/// directions are idle at once (nothing read and not yet written); then
+/// stops and hands the pair back, with no bytes in flight, for the sockmap
+/// path. A connection that closes first, or that stays busy in one
+/// direction, is carried to its end here.
+pub async fn relay_until_idle(
+    pair: Pair,
+    acct: Arc<Accounting>,
+    after: Duration,
+) -> Result<CloseReason, Pair> {
+    let Pair {
+        client,
+        client_ahead,
+        origin,
+        origin_ahead,
+    } = pair;
+    let promo = Promotion::default();
+    let pumps = async {
+        tokio::try_join!(
+            pump(&client, &origin, client_ahead, &acct, true, Some(&promo)),
+            pump(&origin, &client, origin_ahead, &acct, false, Some(&promo))
+        )
+    };
+    // One timer per connection, not one per wait.
+    let due = async {
+        tokio::time::sleep(after).await;
+        promo.due.store(true, Ordering::Relaxed);
+        promo.notify.notify_waiters();
+        std::future::pending::<()>().await
+    };
+    let result = tokio::select! {
+        r = pumps => r,
+        () = due => unreachable!("pending"),
+    };
     match result {
-        Ok(_) => CloseReason::Done,
+        Ok((Finish::Promoted, Finish::Promoted)) => Err(Pair {
+            client,
+            client_ahead: bytes::Bytes::new(),
+            origin,
+            origin_ahead: bytes::Bytes::new(),
+        }),
+        other => Ok(ended(other.map(|_| ()), &client, &origin)),
+    }
+}
+
+/// How a relay that ran to its end closed.
+fn ended(result: Result<(), Side>, client: &TcpStream, origin: &TcpStream) -> CloseReason {
+    match result {
+        Ok(()) => CloseReason::Done,
         Err(side) => {
             // Closing with SO_LINGER 0 sends RST, so a reset reaches the peer.
             use std::os::fd::AsFd;
             sockopt::set_reset_on_close(client.as_fd());
             sockopt::set_reset_on_close(origin.as_fd());
             CloseReason::Reset(side)
+        }
+    }
+}
+
+/// What the two pumps of one connection share while it may be promoted.
+/// Both run in one task, so between two awaits nothing else touches it;
+/// the atomics only make the shared borrow `Send`.
+#[derive(Default)]
+struct Promotion {
+    /// The connection is old enough.
+    due: AtomicBool,
+    /// Pumps idle past `due`, waiting for the other.
+    parked: AtomicU8,
+    /// Both were idle at once: stop.
+    decided: AtomicBool,
+    /// Wakes the pumps when `due` or `decided` is set.
+    notify: Notify,
+}
+
+impl Promotion {
+    /// Waits until `r` is readable (`Ok(false)`), or until both directions
+    /// are idle past the promotion time (`Ok(true)`).
+    async fn wait(&self, r: &TcpStream) -> std::io::Result<bool> {
+        loop {
+            if self.decided.load(Ordering::Relaxed) {
+                return Ok(true);
+            }
+            let woken = self.notify.notified();
+            if !self.due.load(Ordering::Relaxed) {
+                tokio::select! {
+                    biased;
+                    res = read_ready(r) => return res.map(|()| false),
+                    () = woken => continue,
+                }
+            }
+            if self.parked.fetch_add(1, Ordering::Relaxed) == 1 {
+                self.decided.store(true, Ordering::Relaxed);
+                self.notify.notify_waiters();
+                return Ok(true);
+            }
+            tokio::select! {
+                biased;
+                () = woken => {}
+                res = read_ready(r) => {
+                    // Readable, but the decision is final: the bytes stay
+                    // in the socket for the next path.
+                    if self.decided.load(Ordering::Relaxed) {
+                        return Ok(true);
+                    }
+                    self.parked.fetch_sub(1, Ordering::Relaxed);
+                    return res.map(|()| false);
+                }
+            }
         }
     }
 }
@@ -108,14 +223,16 @@ async fn write_all(s: &TcpStream, mut buf: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Copies one direction; `Err` names the side whose socket failed.
+/// Copies one direction; `Err` names the side whose socket failed. With
+/// `promo`, it may stop while idle (see [`relay_until_idle`]).
 async fn pump(
     r: &TcpStream,
     w: &TcpStream,
     ahead: bytes::Bytes,
     acct: &Accounting,
     to_origin: bool,
-) -> Result<(), Side> {
+    promo: Option<&Promotion>,
+) -> Result<Finish, Side> {
     let (src, dst) = if to_origin {
         (Side::Client, Side::Origin)
     } else {
@@ -140,7 +257,15 @@ async fn pump(
             // A bulk transfer keeps it instead of allocating on every round.
             pending = Vec::new();
         }
-        read_ready(r).await.map_err(|_| src)?;
+        match promo {
+            // Idle here: nothing read is left unwritten.
+            Some(p) if !streaming => {
+                if p.wait(r).await.map_err(|_| src)? {
+                    return Ok(Finish::Promoted);
+                }
+            }
+            _ => read_ready(r).await.map_err(|_| src)?,
+        }
         let step = BUF.with(|b| {
             let mut b = b.borrow_mut();
             let n = match read_once(r, &mut b) {
@@ -166,7 +291,7 @@ async fn pump(
                 // other direction reports that.
                 use std::os::fd::AsFd;
                 let _ = sockopt::shutdown_write(w.as_fd());
-                return Ok(());
+                return Ok(Finish::Eof);
             }
             Step::Moved(n, full) => {
                 acct.add(to_origin, n as u64);

@@ -1,0 +1,95 @@
+//! On the sockmap path a connection starts in the user-space relay and joins
+//! the kernel once it is old enough and idle in both directions
+//! (`limits.sockmap_promote_after_ms`). A short session never joins; a long
+//! one joins whether it is chatty or went through a burst, and no byte is
+//! lost, repeated or reordered across the move. Needs root (eBPF).
+
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use sluice_e2e::*;
+use tokio_tungstenite::tungstenite::Message;
+
+/// The `n`th close log line (1-based), once it is there.
+fn close_line(s: &Sluice, n: usize) -> String {
+    let got = s.wait_log_count(&["closed:"], n, Duration::from_secs(5));
+    assert!(got >= n, "{n} sessions closed, {got} logged:\n{}", s.logs());
+    s.logs()
+        .lines()
+        .filter(|l| l.contains("closed:"))
+        .nth(n - 1)
+        .expect("counted above")
+        .to_string()
+}
+
+/// Sends `msg` and expects it back.
+async fn echo<S>(ws: &mut S, msg: Message)
+where
+    S: SinkExt<Message>
+        + StreamExt<Item = Result<Message, tokio_tungstenite::tungstenite::Error>>
+        + Unpin,
+    <S as futures_util::Sink<Message>>::Error: std::fmt::Debug,
+{
+    ws.send(msg.clone()).await.unwrap();
+    let back = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .expect("echo timed out")
+        .expect("stream ended")
+        .unwrap();
+    assert_eq!(back, msg);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_join_the_kernel_only_once_old_and_idle() {
+    if !is_root() {
+        eprintln!("SKIP promotion: the sockmap path needs root (eBPF); CI runs as root");
+        return;
+    }
+    let (origin, _h) = echo_origin().await;
+    let s = Sluice::start_promoting(Mode::Sockmap, origin, 150);
+
+    // Short: done long before 150 ms, so it never touches the maps.
+    let (mut ws, _) = tokio_tungstenite::connect_async(s.url()).await.unwrap();
+    echo(&mut ws, Message::text("short")).await;
+    ws.close(None).await.unwrap();
+    while ws.next().await.is_some() {}
+    drop(ws);
+    let line = close_line(&s, 1);
+    assert!(line.contains("datapath=userspace"), "{line}");
+    assert!(line.contains("closed: closed"), "{line}");
+
+    // Chatty: a numbered echo every 5 ms for 600 ms crosses the promotion
+    // point; every message comes back, in order.
+    let (mut ws, _) = tokio_tungstenite::connect_async(s.url()).await.unwrap();
+    let start = Instant::now();
+    let mut sent = 0u32;
+    while start.elapsed() < Duration::from_millis(600) && sent < 1000 {
+        echo(&mut ws, Message::text(format!("message {sent}"))).await;
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    ws.close(None).await.unwrap();
+    while ws.next().await.is_some() {}
+    drop(ws);
+    let line = close_line(&s, 2);
+    assert!(line.contains("datapath=sockmap"), "{line}");
+    assert!(line.contains("closed: closed"), "{line}");
+
+    // Busy through the promotion point: an 8 MiB message both ways keeps
+    // the pumps streaming; the move happens after it, and the small
+    // messages after the move arrive whole.
+    let (mut ws, _) = tokio_tungstenite::connect_async(s.url()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let big: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
+    echo(&mut ws, Message::binary(big)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for i in 0..20 {
+        echo(&mut ws, Message::text(format!("after {i}"))).await;
+    }
+    ws.close(None).await.unwrap();
+    while ws.next().await.is_some() {}
+    drop(ws);
+    let line = close_line(&s, 3);
+    assert!(line.contains("datapath=sockmap"), "{line}");
+    assert!(line.contains("closed: closed"), "{line}");
+}
