@@ -395,6 +395,16 @@ reuse_port = true
             "{err}"
         );
         let err = Config::from_toml(
+            "datapath = \"sockmap\"\n[limits]\nsockmap_promote_after_ms = 100000000\n[[listeners]]\nlisten = \"127.0.0.1:1\"\norigin = \"127.0.0.1:2\"\n",
+            Path::new("e.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("e.toml:3: field `limits.sockmap_promote_after_ms`: must be at most"),
+            "{err}"
+        );
+        let err = Config::from_toml(
             "[[listeners]]\nlisten = \"127.0.0.1:1\"\norigin = \"127.0.0.1:2\"\n[[listeners]]\nlisten = \"127.0.0.1:1\"\norigin = \"127.0.0.1:3\"\n",
             Path::new("d.toml"),
         )
