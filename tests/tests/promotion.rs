@@ -93,3 +93,96 @@ async fn sessions_join_the_kernel_only_once_old_and_idle() {
     assert!(line.contains("datapath=sockmap"), "{line}");
     assert!(line.contains("closed: closed"), "{line}");
 }
+
+/// Bytes each side streams per round of the mid-stream test.
+const LEN: u64 = 64 << 20;
+const ROUNDS: usize = 8;
+
+fn pattern(offset: u64, buf: &mut [u8]) {
+    for (i, b) in buf.iter_mut().enumerate() {
+        let at = offset + i as u64;
+        *b = ((at / 8).to_le_bytes())[(at % 8) as usize];
+    }
+}
+
+async fn send_pattern(mut s: tokio::net::tcp::OwnedWriteHalf) {
+    use tokio::io::AsyncWriteExt;
+    let mut buf = vec![0u8; 256 << 10];
+    let mut off = 0;
+    while off < LEN {
+        let n = (LEN - off).min(buf.len() as u64) as usize;
+        pattern(off, &mut buf[..n]);
+        s.write_all(&buf[..n]).await.unwrap();
+        off += n as u64;
+    }
+    s.shutdown().await.unwrap();
+}
+
+/// Reads to EOF; the first offset where the pattern breaks, and the count.
+async fn check_pattern(mut s: tokio::net::tcp::OwnedReadHalf) -> (Option<u64>, u64) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 256 << 10];
+    let mut want = vec![0u8; 256 << 10];
+    let mut off = 0u64;
+    loop {
+        let n = s.read(&mut buf).await.unwrap();
+        if n == 0 {
+            return (None, off);
+        }
+        pattern(off, &mut want[..n]);
+        if let Some(i) = (0..n).find(|&i| buf[i] != want[i]) {
+            return (Some(off + i as u64), off);
+        }
+        off += n as u64;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_into_the_kernel_mid_stream_loses_nothing() {
+    if !is_root() {
+        eprintln!("SKIP promotion: the sockmap path needs root (eBPF); CI runs as root");
+        return;
+    }
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let s = Sluice::start_promoting(Mode::Sockmap, l.local_addr().unwrap(), 20);
+    for r in 0..ROUNDS {
+        let ((c, _), (o, _, _)) = tokio::join!(raw_client(s.addr, b""), raw_origin(&l, b""));
+        let (c_rd, c_wr) = c.into_split();
+        let (o_rd, o_wr) = o.into_split();
+        let work = async {
+            let (_, _, at_origin, at_client) = tokio::join!(
+                send_pattern(c_wr),
+                send_pattern(o_wr),
+                check_pattern(o_rd),
+                check_pattern(c_rd)
+            );
+            [at_origin, at_client]
+        };
+        let got = tokio::time::timeout(Duration::from_secs(60), work)
+            .await
+            .unwrap_or_else(|_| panic!("round {r} stalled\n{}", s.logs()));
+        for (name, (bad, read)) in [("client -> origin", got[0]), ("origin -> client", got[1])] {
+            assert_eq!(
+                bad,
+                None,
+                "round {r}: {name} breaks at byte {bad:?}\n{}",
+                s.logs()
+            );
+            assert_eq!(
+                read,
+                LEN,
+                "round {r}: {name} read {read} of {LEN}\n{}",
+                s.logs()
+            );
+        }
+    }
+    s.wait_log_count(&["closed:"], ROUNDS, Duration::from_secs(5));
+    let joined = s
+        .logs()
+        .lines()
+        .filter(|l| l.contains("closed:") && l.contains("datapath=sockmap"))
+        .count();
+    let moved = s.logs().matches("continues in user space").count();
+    eprintln!("{joined} of {ROUNDS} rounds joined the kernel mid-stream; {moved} direction(s) moved back out");
+    assert!(joined > 0, "no round joined the kernel:\n{}", s.logs());
+}
