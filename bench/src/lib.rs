@@ -229,7 +229,17 @@ pub fn run(opts: &Opts) -> Result<String, String> {
                     t.kind.name(),
                     rep + 1
                 ));
+                let log_from = t.log_len();
                 let run = measure(&load, &plan, *w, case, idle_conns, t);
+                // A failed run's own log lines say why (reset, fallback).
+                let run = run.map_err(|e| {
+                    let why = t.problems_since(log_from, 3);
+                    if why.is_empty() {
+                        e
+                    } else {
+                        format!("{e}; its log: {}", why.join(" | "))
+                    }
+                });
                 if !t.alive() {
                     notes.push(format!(
                         "{} died during {} {case}: {}",

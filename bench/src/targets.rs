@@ -245,6 +245,37 @@ impl Target {
         lines[lines.len().saturating_sub(5)..].join("\n")
     }
 
+    /// How many lines its log has so far.
+    pub fn log_len(&self) -> usize {
+        let Some(d) = &self.dir else {
+            return 0;
+        };
+        std::fs::read_to_string(d.join("stderr.log"))
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    }
+
+    /// Up to `most` warnings and errors its log printed after line `from`:
+    /// what a failed run leaves behind (Sluice and nginx use these words).
+    pub fn problems_since(&self, from: usize, most: usize) -> Vec<String> {
+        let Some(d) = &self.dir else {
+            return Vec::new();
+        };
+        std::fs::read_to_string(d.join("stderr.log"))
+            .unwrap_or_default()
+            .lines()
+            .skip(from)
+            .filter(|l| {
+                l.contains("WARN")
+                    || l.contains("ERROR")
+                    || l.contains("[warn]")
+                    || l.contains("[error]")
+            })
+            .take(most)
+            .map(str::to_string)
+            .collect()
+    }
+
     /// How many lines of its log so far contain `needle`.
     pub fn log_count(&self, needle: &str) -> usize {
         let Some(d) = &self.dir else {
