@@ -13,8 +13,13 @@
 //! available. `sockmap` moved bulk about as fast (one way 0.74-0.85x
 //! direct against 0.77-0.82x, both ways 0.59-0.66x against 0.51-0.59x, over
 //! two full runs) but cost more CPU per MiB (820-947 against 801-879 µs) and
-//! per new session (449-488 against 324-332 µs), and ran 0.8x userspace at
-//! 100 echo connections; choose it explicitly. A connection that cannot join the chosen path falls back
+//! per new session (449-488 against 324-332 µs when every session joined
+//! the maps at the 101), and ran 0.8x userspace at 100 echo connections;
+//! choose it explicitly. On `sockmap`, a connection starts in the
+//! user-space relay and joins the kernel once it is
+//! `limits.sockmap_promote_after_ms` old and idle both ways
+//! ([`userspace::relay_until_idle`]), so short sessions cost what they cost
+//! on `userspace`. A connection that cannot join the chosen path falls back
 //! to the next (sockmap, then uring, then userspace).
 
 mod shared_map;

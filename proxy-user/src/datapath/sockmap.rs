@@ -1,4 +1,6 @@
 //! The eBPF sockmap path: after the hand-off the kernel moves the bytes.
+//! [`super::DataPaths::relay`] hands a connection here once it is old
+//! enough and idle (`limits.sockmap_promote_after_ms`; 0: at the 101).
 //!
 //! Requires Linux 5.19+ (verdict-only sockmap for TCP, `bpf_get_socket_cookie`
 //! in sk_skb, ring buffers, mmapable arrays), CAP_BPF and CAP_NET_ADMIN.
@@ -10,8 +12,8 @@
 //!
 //! 1. **Bytes that came with the handshake.** The handshake's read-ahead is
 //!    written first, then each socket's TCP queue is read empty in one large
-//!    read (the handshake's bounded reads can leave an skb half-read, and the verdict would
-//!    see it whole and send its head twice). After the sockets join the
+//!    read (a bounded read before can leave an skb half-read, and the
+//!    verdict would see it whole and send its head twice). After the sockets join the
 //!    maps, `SO_RCVLOWAT` makes TCP call `sk_data_ready` once, so skbs that
 //!    arrived in between go through the verdict at once, in order, instead of
 //!    waiting for the next segment.
