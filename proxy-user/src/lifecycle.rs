@@ -69,15 +69,13 @@ enum Refused {
     Answer(ProxyError, String),
 }
 
-/// The origin's answer to the forwarded request.
+/// The origin's final answer to the forwarded request.
 enum Answer {
     /// A valid 101: its head is the first `head_len` bytes.
     Upgrade {
         head_len: usize,
         protocol: Option<String>,
     },
-    /// A 1xx other than 101: dropped, the real answer follows.
-    Interim { head_len: usize },
     /// Any other status: relay `head` and the body, then close.
     Other {
         code: u16,
@@ -85,6 +83,14 @@ enum Answer {
         head_len: usize,
         framing: Framing,
     },
+}
+
+/// One parsed response head.
+enum Head {
+    /// The final answer.
+    Final(Answer),
+    /// A 1xx other than 101, `len` bytes long: dropped, the answer follows.
+    Interim(usize),
 }
 
 /// Runs one client connection through every phase. Never fails: errors are
@@ -172,7 +178,6 @@ pub async fn serve_client(mut client: TcpStream, peer: SocketAddr, ctx: Arc<List
     };
     let (head_len, protocol) = match answer {
         Answer::Upgrade { head_len, protocol } => (head_len, protocol),
-        Answer::Interim { .. } => unreachable!("read_answer skips interim answers"),
         Answer::Other {
             code,
             head,
@@ -304,12 +309,12 @@ async fn read_answer(
     loop {
         if *len > 0 {
             match classify(&buf[..*len], ws) {
-                Ok(Some(Answer::Interim { head_len })) => {
+                Ok(Some(Head::Interim(head_len))) => {
                     buf.copy_within(head_len..*len, 0);
                     *len -= head_len;
                     continue;
                 }
-                Ok(Some(a)) => return Ok(a),
+                Ok(Some(Head::Final(a))) => return Ok(a),
                 Ok(None) => {}
                 Err(r) => return Err(fail(r.reason.to_string())),
             }
@@ -326,23 +331,23 @@ async fn read_answer(
 }
 
 /// Parses and checks the origin's answer. `Ok(None)`: incomplete.
-fn classify(buf: &[u8], ws: &WsRequest) -> Result<Option<Answer>, Reject> {
+fn classify(buf: &[u8], ws: &WsRequest) -> Result<Option<Head>, Reject> {
     let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let Some(head) = handshake::parse_response(buf, &mut storage)? else {
         return Ok(None);
     };
     Ok(Some(match head.code {
-        101 => Answer::Upgrade {
+        101 => Head::Final(Answer::Upgrade {
             head_len: head.len,
             protocol: handshake::check_response(head.headers, ws)?.map(str::to_string),
-        },
-        100..=199 => Answer::Interim { head_len: head.len },
-        code => Answer::Other {
+        }),
+        100..=199 => Head::Interim(head.len),
+        code => Head::Final(Answer::Other {
             code,
             head: handshake::relayed_response(&head),
             head_len: head.len,
             framing: response_body::framing(&head)?,
-        },
+        }),
     }))
 }
 
