@@ -118,28 +118,25 @@ pub struct Sluice {
 impl Sluice {
     /// Starts sluice from flags in front of `origin`.
     pub fn start(mode: Mode, origin: SocketAddr) -> Sluice {
-        let addr = free_addr();
-        let args = vec![
-            "--listen".to_string(),
-            addr.to_string(),
-            "--origin".into(),
-            origin.to_string(),
-        ];
-        Sluice::spawn(mode, addr, args, None)
+        Sluice::start_flags(mode, origin, Vec::new())
     }
 
     /// Starts sluice from flags in front of `origin`, with sockmap's
     /// promotion after `ms` (the other paths ignore it).
     pub fn start_promoting(mode: Mode, origin: SocketAddr, ms: u64) -> Sluice {
+        let extra = vec!["--sockmap-promote-after-ms".to_string(), ms.to_string()];
+        Sluice::start_flags(mode, origin, extra)
+    }
+
+    fn start_flags(mode: Mode, origin: SocketAddr, extra: Vec<String>) -> Sluice {
         let addr = free_addr();
-        let args = vec![
+        let mut args = vec![
             "--listen".to_string(),
             addr.to_string(),
             "--origin".into(),
             origin.to_string(),
-            "--sockmap-promote-after-ms".into(),
-            ms.to_string(),
         ];
+        args.extend(extra);
         Sluice::spawn(mode, addr, args, None)
     }
 
@@ -626,5 +623,52 @@ pub async fn eventually(what: &str, within: Duration, mut f: impl FnMut() -> boo
     while !f() {
         assert!(Instant::now() < end, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The counting pattern that bulk tests stream: byte offset / 8 as
+/// little-endian u64s, so a missing or repeated skb shows as the exact
+/// offset where it breaks. Fills `buf` with the bytes at `offset`.
+pub fn pattern(offset: u64, buf: &mut [u8]) {
+    for (i, b) in buf.iter_mut().enumerate() {
+        let at = offset + i as u64;
+        *b = ((at / 8).to_le_bytes())[(at % 8) as usize];
+    }
+}
+
+/// Streams `len` bytes of [`pattern`] in `chunk`-sized writes, then FIN.
+pub async fn send_pattern(mut s: tokio::net::tcp::OwnedWriteHalf, len: u64, chunk: usize) {
+    let mut buf = vec![0u8; chunk];
+    let mut off = 0;
+    while off < len {
+        let n = (len - off).min(buf.len() as u64) as usize;
+        pattern(off, &mut buf[..n]);
+        s.write_all(&buf[..n]).await.unwrap();
+        off += n as u64;
+    }
+    s.shutdown().await.unwrap();
+}
+
+/// Waits `stall`, then reads to EOF in `chunk`-sized reads; returns the
+/// first offset where [`pattern`] breaks, if any, and the bytes read.
+pub async fn check_pattern(
+    mut s: tokio::net::tcp::OwnedReadHalf,
+    stall: Duration,
+    chunk: usize,
+) -> (Option<u64>, u64) {
+    tokio::time::sleep(stall).await;
+    let mut buf = vec![0u8; chunk];
+    let mut want = vec![0u8; chunk];
+    let mut off = 0u64;
+    loop {
+        let n = s.read(&mut buf).await.unwrap();
+        if n == 0 {
+            return (None, off);
+        }
+        pattern(off, &mut want[..n]);
+        if let Some(i) = (0..n).find(|&i| buf[i] != want[i]) {
+            return (Some(off + i as u64), off);
+        }
+        off += n as u64;
     }
 }

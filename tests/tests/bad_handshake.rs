@@ -267,32 +267,34 @@ async fn origin_failures_map_to_502_and_504() {
     }
 }
 
-/// An origin on `l` that reads one request head, writes `answer`, and then
-/// holds its connection open until the test ends (as a keep-alive server
-/// would). Returns the head it read.
-fn holding_origin(l: TcpListener, answer: &'static [u8]) -> tokio::task::JoinHandle<String> {
-    tokio::spawn(async move {
+/// What a client gets through Sluice from an origin that reads the request,
+/// writes `answer`, and then holds its connection open (as a keep-alive
+/// server would), so only the answer's own framing can end it.
+async fn answer_from_holding_origin(mode: Mode, answer: &'static [u8]) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let s = Sluice::start(mode, l.local_addr().unwrap());
+    let o = tokio::spawn(async move {
         let (mut o, _) = l.accept().await.unwrap();
-        let (head, _) = read_head(&mut o).await;
+        let _ = read_head(&mut o).await;
         o.write_all(answer).await.unwrap();
         tokio::time::sleep(Duration::from_secs(30)).await;
-        head
-    })
+    });
+    let a = ask(s.addr, upgrade_request("x").as_bytes(), false).await;
+    o.abort();
+    a
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn origin_answers_end_where_their_framing_says() {
     for mode in modes() {
-        // Chunked, from an origin that keeps its connection open: the client
-        // gets the whole body, then a close, long before any timeout.
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let s = Sluice::start(mode, l.local_addr().unwrap());
-        let o = holding_origin(
-            l,
+        // Chunked: the client gets the whole body, then a close, long
+        // before any timeout.
+        let a = answer_from_holding_origin(
+            mode,
             b"HTTP/1.1 401 Unauthorized\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\
               Keep-Alive: timeout=60\r\n\r\n6\r\nlog in\r\n3;x=y\r\n...\r\n0\r\n\r\n",
-        );
-        let a = ask(s.addr, upgrade_request("x").as_bytes(), false).await;
+        )
+        .await;
         assert!(
             a.starts_with("HTTP/1.1 401 Unauthorized\r\n"),
             "{mode:?}: {a}"
@@ -306,21 +308,15 @@ async fn origin_answers_end_where_their_framing_says() {
             a.ends_with("\r\n\r\n6\r\nlog in\r\n3;x=y\r\n...\r\n0\r\n\r\n"),
             "{mode:?}: {a}"
         );
-        o.abort();
-        drop(s);
 
-        // Content-Length, same kind of origin.
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let s = Sluice::start(mode, l.local_addr().unwrap());
-        let o = holding_origin(
-            l,
+        // Content-Length.
+        let a = answer_from_holding_origin(
+            mode,
             b"HTTP/1.1 404 Not Found\r\nContent-Length: 10\r\n\r\nno room.\r\n",
-        );
-        let a = ask(s.addr, upgrade_request("x").as_bytes(), false).await;
+        )
+        .await;
         assert!(a.starts_with("HTTP/1.1 404 Not Found\r\n"), "{mode:?}: {a}");
         assert!(a.ends_with("\r\n\r\nno room.\r\n"), "{mode:?}: {a}");
-        o.abort();
-        drop(s);
 
         // An interim 103 before the 101 is dropped; the session works.
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -98,45 +98,6 @@ async fn sessions_join_the_kernel_only_once_old_and_idle() {
 const LEN: u64 = 64 << 20;
 const ROUNDS: usize = 8;
 
-fn pattern(offset: u64, buf: &mut [u8]) {
-    for (i, b) in buf.iter_mut().enumerate() {
-        let at = offset + i as u64;
-        *b = ((at / 8).to_le_bytes())[(at % 8) as usize];
-    }
-}
-
-async fn send_pattern(mut s: tokio::net::tcp::OwnedWriteHalf) {
-    use tokio::io::AsyncWriteExt;
-    let mut buf = vec![0u8; 256 << 10];
-    let mut off = 0;
-    while off < LEN {
-        let n = (LEN - off).min(buf.len() as u64) as usize;
-        pattern(off, &mut buf[..n]);
-        s.write_all(&buf[..n]).await.unwrap();
-        off += n as u64;
-    }
-    s.shutdown().await.unwrap();
-}
-
-/// Reads to EOF; the first offset where the pattern breaks, and the count.
-async fn check_pattern(mut s: tokio::net::tcp::OwnedReadHalf) -> (Option<u64>, u64) {
-    use tokio::io::AsyncReadExt;
-    let mut buf = vec![0u8; 256 << 10];
-    let mut want = vec![0u8; 256 << 10];
-    let mut off = 0u64;
-    loop {
-        let n = s.read(&mut buf).await.unwrap();
-        if n == 0 {
-            return (None, off);
-        }
-        pattern(off, &mut want[..n]);
-        if let Some(i) = (0..n).find(|&i| buf[i] != want[i]) {
-            return (Some(off + i as u64), off);
-        }
-        off += n as u64;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_move_into_the_kernel_mid_stream_loses_nothing() {
     if !is_root() {
@@ -151,10 +112,10 @@ async fn a_move_into_the_kernel_mid_stream_loses_nothing() {
         let (o_rd, o_wr) = o.into_split();
         let work = async {
             let (_, _, at_origin, at_client) = tokio::join!(
-                send_pattern(c_wr),
-                send_pattern(o_wr),
-                check_pattern(o_rd),
-                check_pattern(c_rd)
+                send_pattern(c_wr, LEN, 256 << 10),
+                send_pattern(o_wr, LEN, 256 << 10),
+                check_pattern(o_rd, Duration::ZERO, 256 << 10),
+                check_pattern(c_rd, Duration::ZERO, 256 << 10)
             );
             [at_origin, at_client]
         };

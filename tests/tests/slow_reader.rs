@@ -25,45 +25,6 @@ const ROUNDS: usize = 6;
 /// A round that takes longer than this has stalled for good.
 const ROUND_LIMIT: Duration = Duration::from_secs(60);
 
-fn pattern(offset: u64, buf: &mut [u8]) {
-    for (i, b) in buf.iter_mut().enumerate() {
-        let at = offset + i as u64;
-        *b = ((at / 8).to_le_bytes())[(at % 8) as usize];
-    }
-}
-
-async fn send_pattern(mut s: tokio::net::tcp::OwnedWriteHalf) {
-    let mut buf = vec![0u8; 1 << 20];
-    let mut off = 0;
-    while off < LEN {
-        let n = (LEN - off).min(buf.len() as u64) as usize;
-        pattern(off, &mut buf[..n]);
-        s.write_all(&buf[..n]).await.unwrap();
-        off += n as u64;
-    }
-    s.shutdown().await.unwrap();
-}
-
-/// Reads to EOF after a stall; returns the first offset where the pattern
-/// breaks, if any, and the bytes read.
-async fn check_pattern(mut s: tokio::net::tcp::OwnedReadHalf) -> (Option<u64>, u64) {
-    tokio::time::sleep(STALL).await;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut want = vec![0u8; 1 << 20];
-    let mut off = 0u64;
-    loop {
-        let n = s.read(&mut buf).await.unwrap();
-        if n == 0 {
-            return (None, off);
-        }
-        pattern(off, &mut want[..n]);
-        if let Some(i) = (0..n).find(|&i| buf[i] != want[i]) {
-            return (Some(off + i as u64), off);
-        }
-        off += n as u64;
-    }
-}
-
 /// How many daemon log lines contain every one of `needles`.
 fn log_lines(s: &Sluice, needles: &[&str]) -> usize {
     s.logs()
@@ -78,10 +39,10 @@ async fn round(proxy: SocketAddr, l: &TcpListener) -> [(Option<u64>, u64); 2] {
     let (o_rd, o_wr) = TcpStream::into_split(o);
     let work = async {
         let (_, _, at_origin, at_client) = tokio::join!(
-            send_pattern(c_wr),
-            send_pattern(o_wr),
-            check_pattern(o_rd),
-            check_pattern(c_rd)
+            send_pattern(c_wr, LEN, 1 << 20),
+            send_pattern(o_wr, LEN, 1 << 20),
+            check_pattern(o_rd, STALL, 1 << 20),
+            check_pattern(c_rd, STALL, 1 << 20)
         );
         [at_origin, at_client]
     };
@@ -160,9 +121,9 @@ async fn a_half_closed_client_with_a_stalled_reader_gets_every_byte_on_every_pat
                     let mut b = [0u8; 64];
                     let n = o_rd.read(&mut b).await.unwrap();
                     assert_eq!(n, 0, "the origin expected EOF first");
-                    send_pattern(o_wr).await;
+                    send_pattern(o_wr, LEN, 1 << 20).await;
                 };
-                tokio::join!(origin, check_pattern(c_rd)).1
+                tokio::join!(origin, check_pattern(c_rd, STALL, 1 << 20)).1
             };
             let (bad, read) = tokio::time::timeout(ROUND_LIMIT, work)
                 .await
