@@ -92,11 +92,11 @@ pub async fn relay_until_idle(
         tokio::time::sleep(after).await;
         promo.due.store(true, Ordering::Relaxed);
         promo.notify.notify_waiters();
-        std::future::pending::<()>().await
+        std::future::pending::<std::convert::Infallible>().await
     };
     let result = tokio::select! {
         r = pumps => r,
-        () = due => unreachable!("pending"),
+        never = due => match never {},
     };
     match result {
         Ok((Finish::Promoted, Finish::Promoted)) => Err(Pair {
@@ -161,7 +161,13 @@ impl Promotion {
             }
             tokio::select! {
                 biased;
-                () = woken => {}
+                // Only `decided` is announced after `due`; the loop's top
+                // returns. Should it be anything else, this pump unparks.
+                () = woken => {
+                    if !self.decided.load(Ordering::Relaxed) {
+                        self.parked.fetch_sub(1, Ordering::Relaxed);
+                    }
+                }
                 res = read_ready(r) => {
                     // Readable, but the decision is final: the bytes stay
                     // in the socket for the next path.
