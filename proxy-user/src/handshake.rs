@@ -380,15 +380,19 @@ pub fn error_response(status: StatusCode, reason: &str) -> Vec<u8> {
 /// The origin's non-101 answer as relayed to the client: status and headers
 /// unchanged except the hop-by-hop connection headers, which become
 /// `Connection: close` (the body framing headers stay, the body is relayed
-/// as it comes).
+/// as it comes). With `Transfer-Encoding`, a `Content-Length` is dropped, as
+/// RFC 9112 section 6.3 asks of a proxy.
 pub fn relayed_response(head: &ResponseHead<'_, '_>) -> Vec<u8> {
+    let chunked = values(head.headers, "transfer-encoding").next().is_some();
     let mut out = Vec::with_capacity(head.len + 24);
     let _ = write!(out, "HTTP/1.1 {} {}\r\n", head.code, head.reason);
     for h in head.headers {
         let n = h.name;
         let framing =
             n.eq_ignore_ascii_case("transfer-encoding") || n.eq_ignore_ascii_case("trailer");
-        if !framing && is_hop_by_hop(head.headers, n) {
+        if (!framing && is_hop_by_hop(head.headers, n))
+            || (chunked && n.eq_ignore_ascii_case("content-length"))
+        {
             continue;
         }
         out.extend_from_slice(n.as_bytes());
@@ -637,7 +641,7 @@ mod tests {
         assert!(e.ends_with("\r\n\r\nspeak 13\n"), "{e}");
 
         let text = b"HTTP/1.1 403 Forbidden\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\n\
-            Keep-Alive: timeout=5\r\nTransfer-Encoding: chunked\r\nX-Origin: yes\r\n\r\n";
+            Keep-Alive: timeout=5\r\nContent-Length: 9\r\nTransfer-Encoding: chunked\r\nX-Origin: yes\r\n\r\n";
         let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let head = parse_response(text, &mut storage).unwrap().unwrap();
         let out = String::from_utf8(relayed_response(&head)).unwrap();
