@@ -288,10 +288,7 @@ pub fn forward_request(
         {
             continue;
         }
-        out.extend_from_slice(n.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(h.value);
-        out.extend_from_slice(b"\r\n");
+        push_header(out, n, h.value);
     }
     out.extend_from_slice(b"Connection: Upgrade\r\nUpgrade: websocket\r\n");
     let ip = client.ip();
@@ -315,6 +312,14 @@ pub fn forward_request(
         }
     }
     out.extend_from_slice(b"\r\n\r\n");
+}
+
+/// Writes one header line.
+fn push_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Writes the client's values of `name`, each followed by ", ".
@@ -395,10 +400,7 @@ pub fn relayed_response(head: &ResponseHead<'_, '_>) -> Vec<u8> {
         {
             continue;
         }
-        out.extend_from_slice(n.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(h.value);
-        out.extend_from_slice(b"\r\n");
+        push_header(&mut out, n, h.value);
     }
     out.extend_from_slice(b"Connection: close\r\n\r\n");
     out

@@ -29,8 +29,7 @@ use crate::accounting::Accounting;
 use crate::config::Config;
 use crate::datapath::{DataPaths, Pair};
 use crate::error::ProxyError;
-pub use crate::handshake::MAX_HEAD;
-use crate::handshake::{self, Reject, WsRequest, MAX_HEADERS};
+use crate::handshake::{self, Reject, WsRequest, MAX_HEAD, MAX_HEADERS};
 use crate::response_body::{self, Chunked, Framing};
 
 /// First size of the head buffer; it grows once, to [`MAX_HEAD`].

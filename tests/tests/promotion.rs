@@ -22,6 +22,24 @@ fn close_line(s: &Sluice, n: usize) -> String {
         .to_string()
 }
 
+/// Closes the session from the client, waits for the `n`th close log line,
+/// checks that both sides closed cleanly, and returns the line.
+async fn close<S>(mut ws: S, s: &Sluice, n: usize) -> String
+where
+    S: SinkExt<Message>
+        + StreamExt<Item = Result<Message, tokio_tungstenite::tungstenite::Error>>
+        + Unpin,
+    <S as futures_util::Sink<Message>>::Error: std::fmt::Debug,
+{
+    ws.close().await.unwrap();
+    while ws.next().await.is_some() {}
+    // Dropping the stream sends the client's FIN.
+    drop(ws);
+    let line = close_line(s, n);
+    assert!(line.contains("closed: closed"), "{line}");
+    line
+}
+
 /// Sends `msg` and expects it back.
 async fn echo<S>(ws: &mut S, msg: Message)
 where
@@ -51,12 +69,8 @@ async fn sessions_join_the_kernel_only_once_old_and_idle() {
     // Short: done long before 150 ms, so it never touches the maps.
     let (mut ws, _) = tokio_tungstenite::connect_async(s.url()).await.unwrap();
     echo(&mut ws, Message::text("short")).await;
-    ws.close(None).await.unwrap();
-    while ws.next().await.is_some() {}
-    drop(ws);
-    let line = close_line(&s, 1);
+    let line = close(ws, &s, 1).await;
     assert!(line.contains("datapath=userspace"), "{line}");
-    assert!(line.contains("closed: closed"), "{line}");
 
     // Chatty: a numbered echo every 5 ms for 600 ms crosses the promotion
     // point; every message comes back, in order.
@@ -68,12 +82,8 @@ async fn sessions_join_the_kernel_only_once_old_and_idle() {
         sent += 1;
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    ws.close(None).await.unwrap();
-    while ws.next().await.is_some() {}
-    drop(ws);
-    let line = close_line(&s, 2);
+    let line = close(ws, &s, 2).await;
     assert!(line.contains("datapath=sockmap"), "{line}");
-    assert!(line.contains("closed: closed"), "{line}");
 
     // Busy through the promotion point: an 8 MiB message both ways keeps
     // the pumps streaming; the move happens after it, and the small
@@ -86,12 +96,8 @@ async fn sessions_join_the_kernel_only_once_old_and_idle() {
     for i in 0..20 {
         echo(&mut ws, Message::text(format!("after {i}"))).await;
     }
-    ws.close(None).await.unwrap();
-    while ws.next().await.is_some() {}
-    drop(ws);
-    let line = close_line(&s, 3);
+    let line = close(ws, &s, 3).await;
     assert!(line.contains("datapath=sockmap"), "{line}");
-    assert!(line.contains("closed: closed"), "{line}");
 }
 
 /// Bytes each side streams per round of the mid-stream test.
