@@ -249,6 +249,18 @@ impl Config {
                 "must be at least 1048576 bytes",
             ));
         }
+        if self.limits.sockmap_max_queued < self.limits.max_buffer_per_direction {
+            // A direction moves to user space at half of max_buffer; below
+            // that the hard limit would trip first and reset every bulk
+            // transfer whose receiver falls behind.
+            return Err(invalid(
+                "limits.sockmap_max_queued",
+                &format!(
+                    "must be at least limits.max_buffer_per_direction ({})",
+                    self.limits.max_buffer_per_direction
+                ),
+            ));
+        }
         let most = proxy_common::MAX_SOCKETS / 2;
         if !(1..=most).contains(&self.limits.sockmap_max_connections) {
             return Err(invalid(
@@ -380,6 +392,18 @@ reuse_port = true
         .to_string();
         assert!(
             err.starts_with("b.toml:2: field `limits.max_buffer_per_direction`"),
+            "{err}"
+        );
+        let err = Config::from_toml(
+            "[limits]\nsockmap_max_queued = 16777216\n[[listeners]]\nlisten = \"127.0.0.1:1\"\norigin = \"127.0.0.1:2\"\n",
+            Path::new("d.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with(
+                "d.toml:2: field `limits.sockmap_max_queued`: must be at least limits.max_buffer_per_direction (33554432)"
+            ),
             "{err}"
         );
         let err = Config::from_toml(
