@@ -95,39 +95,13 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         );
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let uring = paths.uring_on_workers();
     let mut threads = Vec::new();
     for (i, set) in per_worker.into_iter().enumerate() {
-        let mut stop = stop_rx.clone();
+        let stop = stop_rx.clone();
         let t = std::thread::Builder::new()
             .name(format!("sluice-w{i}"))
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        tracing::error!("worker {i} cannot start its runtime: {e}");
-                        return;
-                    }
-                };
-                rt.block_on(async move {
-                    let mut tasks = tokio::task::JoinSet::new();
-                    for (tl, ctx) in set {
-                        match TcpListener::from_std(tl) {
-                            Ok(tl) => {
-                                tasks.spawn(accept_loop(tl, ctx));
-                            }
-                            Err(e) => tracing::error!("worker {i}: listener: {e}"),
-                        }
-                    }
-                    let _ = stop.wait_for(|s| *s).await;
-                    tasks.abort_all();
-                });
-                // Relays still running are cut here; graceful drain comes
-                // with reload.
-                rt.shutdown_timeout(std::time::Duration::from_millis(100));
-            });
+            .spawn(move || run_worker(i, set, stop, uring));
         match t {
             Ok(t) => threads.push(t),
             Err(e) => tracing::error!("cannot start worker {i}: {e}"),
@@ -161,11 +135,79 @@ fn bind(addr: SocketAddr, bound: u64, reuse_port: bool) -> std::io::Result<std::
     s.listen(4096)?;
     Ok(s.into())
 }
-async fn accept_loop(tl: TcpListener, ctx: Arc<ListenerCtx>) {
+/// One worker thread: its own single-threaded runtime, and on it an accept
+/// loop per listener. With `uring`, the runtime is tokio-uring's, so this
+/// thread also relays the connections it accepted (no hand-off to another
+/// thread); a worker whose ring cannot be set up relays in user space.
+fn run_worker(
+    i: usize,
+    set: Vec<(std::net::TcpListener, Arc<ListenerCtx>)>,
+    stop: tokio::sync::watch::Receiver<bool>,
+    uring: bool,
+) {
+    if uring {
+        match tokio_uring::Runtime::new(&tokio_uring::builder()) {
+            Ok(rt) => {
+                crate::datapath::uring::mark_worker();
+                // Dropping the runtime cancels the relays' operations.
+                rt.block_on(serve_worker(i, set, stop, true));
+                return;
+            }
+            Err(e) => tracing::warn!(
+                "worker {i} cannot set up io_uring ({e}); its connections use the user-space relay"
+            ),
+        }
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("worker {i} cannot start its runtime: {e}");
+            return;
+        }
+    };
+    rt.block_on(serve_worker(i, set, stop, false));
+    // Relays still running are cut here; graceful drain comes with reload.
+    rt.shutdown_timeout(std::time::Duration::from_millis(100));
+}
+
+/// Accepts on every listener of this worker until `stop`. `local`: the
+/// runtime has a `LocalSet` (tokio-uring's), and connections are spawned
+/// into it, where the io_uring relay can run its `!Send` operations.
+async fn serve_worker(
+    i: usize,
+    set: Vec<(std::net::TcpListener, Arc<ListenerCtx>)>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    local: bool,
+) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for (tl, ctx) in set {
+        match TcpListener::from_std(tl) {
+            Ok(tl) if local => {
+                tasks.spawn_local(accept_loop(tl, ctx, true));
+            }
+            Ok(tl) => {
+                tasks.spawn(accept_loop(tl, ctx, false));
+            }
+            Err(e) => tracing::error!("worker {i}: listener: {e}"),
+        }
+    }
+    let _ = stop.wait_for(|s| *s).await;
+    tasks.abort_all();
+}
+
+async fn accept_loop(tl: TcpListener, ctx: Arc<ListenerCtx>, local: bool) {
     loop {
         match tl.accept().await {
             Ok((stream, peer)) => {
-                tokio::spawn(lifecycle::serve_client(stream, peer, ctx.clone()));
+                let conn = lifecycle::serve_client(stream, peer, ctx.clone());
+                if local {
+                    tokio::task::spawn_local(conn);
+                } else {
+                    tokio::spawn(conn);
+                }
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.

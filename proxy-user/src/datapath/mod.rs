@@ -3,7 +3,7 @@
 //! | path | needs | how |
 //! |---|---|---|
 //! | `sockmap` | Linux 5.19+, CAP_BPF + CAP_NET_ADMIN (or root) | eBPF sk_skb verdict redirects socket to socket |
-//! | `uring` | Linux 5.11+, io_uring not disabled | one io_uring thread, read/write per direction |
+//! | `uring` | Linux 5.11+, io_uring not disabled | each worker's io_uring runtime, read/write per direction |
 //! | `userspace` | anything | tokio, one buffer per direction |
 //!
 //! `auto` takes `userspace`: in `cargo xtask bench` (bench/results/) it beat
@@ -186,7 +186,9 @@ impl DataPaths {
         };
         // The uring relay runs when it is chosen, or as sockmap's fallback.
         let uring = match choice {
-            DataPathChoice::Uring | DataPathChoice::Sockmap => uring::UringRelay::start(),
+            DataPathChoice::Uring | DataPathChoice::Sockmap => {
+                uring::UringRelay::start(limits.max_buffer_per_direction)
+            }
             DataPathChoice::Auto | DataPathChoice::Userspace => Err("not wanted".to_string()),
         };
         if choice == DataPathChoice::Uring {
@@ -219,6 +221,12 @@ impl DataPaths {
             uring: uring.ok(),
             promote_after: std::time::Duration::from_millis(limits.sockmap_promote_after_ms),
         })
+    }
+
+    /// Whether worker threads should run tokio-uring runtimes: io_uring is
+    /// this daemon's primary path or sockmap's fallback, and it probed fine.
+    pub fn uring_on_workers(&self) -> bool {
+        self.uring.is_some()
     }
 
     /// Tells the paths that this daemon accepts on `port` (after binding,

@@ -1,5 +1,6 @@
-//! The io_uring relay: one thread runs a tokio-uring runtime and relays
-//! every connection handed to it with `IORING_OP_READ`/`IORING_OP_WRITE`.
+//! The io_uring relay: each worker thread runs a tokio-uring runtime and
+//! relays the connections it accepted with `IORING_OP_READ`/`IORING_OP_WRITE`,
+//! as a local task on its own ring (thread per core, as on the other paths).
 //!
 //! Requires Linux 5.11+ (tokio-uring) and `kernel.io_uring_disabled = 0`;
 //! [`probe`] checks the ring and the opcodes at start-up.
@@ -9,15 +10,21 @@ use std::io;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot};
 use tokio_uring::net::TcpStream;
 
-use super::{userspace, CloseReason, Fallback, Pair, Side};
+use super::{CloseReason, Fallback, Pair, Side};
 use crate::accounting::Accounting;
 use crate::sockopt;
 
-/// Size of each direction's buffer.
-const BUF: usize = 64 << 10;
+/// Size of a direction's buffer while its reads come back short: every
+/// direction holds one for its read in flight, idle or not, so it is small.
+const SMALL: usize = 32 << 10;
+/// Most a direction's buffer grows to once a read has filled the small one:
+/// large reads and writes mean few ring round trips per byte on bulk. (With
+/// 64 KiB for every read, W1 one way ran at 0.52x direct; with 1 MiB,
+/// 0.73-0.87x.) Never more than half of `limits.max_buffer_per_direction`,
+/// which the socket buffers share.
+const LARGE: usize = 1 << 20;
 
 struct Job {
     client: std::net::TcpStream,
@@ -25,7 +32,18 @@ struct Job {
     origin: std::net::TcpStream,
     origin_ahead: Bytes,
     acct: Arc<Accounting>,
-    done: oneshot::Sender<CloseReason>,
+    large: usize,
+}
+
+thread_local! {
+    /// Whether this thread runs a tokio-uring runtime ([`mark_worker`]).
+    static WORKER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Records that the calling thread runs inside a tokio-uring runtime, whose
+/// `LocalSet` the relay spawns into.
+pub fn mark_worker() {
+    WORKER.with(|w| w.set(true));
 }
 
 /// Checks that io_uring can be set up here and has the opcodes the relay uses.
@@ -50,29 +68,33 @@ pub fn probe() -> io::Result<()> {
     Ok(())
 }
 
-/// Handle to the io_uring relay thread.
+/// The io_uring relay, once [`probe`] found io_uring usable. Connections
+/// relay on the worker thread that accepted them (see [`mark_worker`]).
 pub struct UringRelay {
-    tx: mpsc::UnboundedSender<Job>,
+    /// Size of a busy direction's buffer.
+    large: usize,
 }
 
 impl UringRelay {
-    /// Probes io_uring and starts the relay thread.
-    pub fn start() -> Result<UringRelay, String> {
+    /// Probes io_uring. `bound` is `limits.max_buffer_per_direction`.
+    pub fn start(bound: u64) -> Result<UringRelay, String> {
         probe().map_err(|e| e.to_string())?;
-        let (tx, rx) = mpsc::unbounded_channel();
-        std::thread::Builder::new()
-            .name("sluice-uring".into())
-            .spawn(move || tokio_uring::start(serve(rx)))
-            .map_err(|e| e.to_string())?;
-        Ok(UringRelay { tx })
+        let half = usize::try_from(bound / 2).unwrap_or(usize::MAX);
+        Ok(UringRelay {
+            large: half.clamp(SMALL, LARGE),
+        })
     }
 
-    /// Relays one connection; gives the pair back if the relay thread is gone.
+    /// Relays one connection on this worker's ring; gives the pair back if
+    /// this thread has no ring (its runtime could not set one up).
     pub async fn relay(
         &self,
         pair: Pair,
         acct: Arc<Accounting>,
     ) -> Result<CloseReason, Box<Fallback>> {
+        if !WORKER.with(|w| w.get()) {
+            return Err(Fallback::new(pair, "this worker has no io_uring runtime"));
+        }
         let Pair {
             client,
             client_ahead,
@@ -83,30 +105,16 @@ impl UringRelay {
             (Ok(c), Ok(o)) => (c, o),
             (Err(e), _) | (_, Err(e)) => return Ok(CloseReason::Internal(e.to_string())),
         };
-        let (done, wait) = oneshot::channel();
         let job = Job {
             client,
             client_ahead,
             origin,
             origin_ahead,
             acct,
-            done,
+            large: self.large,
         };
-        if let Err(mpsc::error::SendError(job)) = self.tx.send(job) {
-            let back = (|| {
-                Ok::<_, io::Error>(Pair {
-                    client: userspace::from_std(job.client)?,
-                    client_ahead: job.client_ahead,
-                    origin: userspace::from_std(job.origin)?,
-                    origin_ahead: job.origin_ahead,
-                })
-            })();
-            return match back {
-                Ok(p) => Err(Fallback::new(p, "the io_uring thread has stopped")),
-                Err(e) => Ok(CloseReason::Internal(e.to_string())),
-            };
-        }
-        Ok(wait
+        // A task of its own: the relay's futures are !Send, the caller's are not.
+        Ok(tokio::task::spawn_local(run(job))
             .await
             .unwrap_or_else(|_| CloseReason::Internal("io_uring relay task ended".into())))
     }
@@ -119,19 +127,13 @@ fn to_blocking_std(s: tokio::net::TcpStream) -> io::Result<std::net::TcpStream> 
     Ok(s)
 }
 
-async fn serve(mut rx: mpsc::UnboundedReceiver<Job>) {
-    while let Some(job) = rx.recv().await {
-        tokio_uring::spawn(run(job));
-    }
-}
-
-async fn run(job: Job) {
+async fn run(job: Job) -> CloseReason {
     let client = TcpStream::from_std(job.client);
     let origin = TcpStream::from_std(job.origin);
     let acct = &job.acct;
     let result = futures_util::future::try_join(
-        pump(&client, &origin, job.client_ahead, acct, true),
-        pump(&origin, &client, job.origin_ahead, acct, false),
+        pump(&client, &origin, job.client_ahead, acct, true, job.large),
+        pump(&origin, &client, job.origin_ahead, acct, false, job.large),
     )
     .await;
     let reason = match result {
@@ -149,7 +151,7 @@ async fn run(job: Job) {
     };
     drop(client);
     drop(origin);
-    let _ = job.done.send(reason);
+    reason
 }
 
 fn fd_of(s: &TcpStream) -> std::os::fd::BorrowedFd<'_> {
@@ -164,6 +166,7 @@ async fn pump(
     ahead: Bytes,
     acct: &Accounting,
     to_origin: bool,
+    large: usize,
 ) -> Result<(), Side> {
     let (src_side, dst_side) = if to_origin {
         (Side::Client, Side::Origin)
@@ -178,11 +181,12 @@ async fn pump(
             .map_err(|_| dst_side)?;
         acct.add(to_origin, n);
     }
-    let mut buf = PooledBuf::take();
+    let mut buf = PooledBuf::take(SMALL, large);
     loop {
         let mut b = buf.0.take().unwrap_or_default();
         b.clear();
         let (res, b) = src.read(b).await;
+        let size = b.capacity();
         buf.0 = Some(b);
         let n = res.map_err(|_| src_side)?;
         if n == 0 {
@@ -193,36 +197,62 @@ async fn pump(
         buf.0 = Some(b);
         res.map_err(|_| dst_side)?;
         acct.add(to_origin, n as u64);
+        // A full read means more is queued: go large. A read the small
+        // buffer would have held means the burst is over: give the large
+        // one back for another direction.
+        let want = if n == size {
+            large
+        } else if n <= SMALL {
+            SMALL
+        } else {
+            size
+        };
+        if want != size {
+            buf = PooledBuf::take(want, large);
+        }
     }
 }
 
-// Relay buffers are never freed: the pool grows to the peak number of busy
-// directions and stays there. Freeing them into the shared heap and
-// allocating again fragmented it and let RSS creep with the connection count.
+// Relay buffers are never freed: each size's pool grows to the peak number
+// of directions that held one and stays there. Freeing them into the shared
+// heap and allocating again fragmented it and let RSS creep with the
+// connection count.
 thread_local! {
-    static POOL: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+    static POOLS: std::cell::RefCell<[Vec<Vec<u8>>; 2]> =
+        const { std::cell::RefCell::new([Vec::new(), Vec::new()]) };
 }
 
-/// A relay buffer that goes back to the pool when dropped. While an
+/// Which pool holds buffers of `size`, if any (`large` is the process's
+/// busy-direction size).
+fn pool_of(size: usize, large: usize) -> Option<usize> {
+    if size == SMALL {
+        Some(0)
+    } else if size == large {
+        Some(1)
+    } else {
+        None
+    }
+}
+
+/// A relay buffer that goes back to its pool when dropped. While an
 /// operation owns the buffer this holds `None`; a cancelled operation keeps
 /// it, and it is freed rather than pooled.
-struct PooledBuf(Option<Vec<u8>>);
+struct PooledBuf(Option<Vec<u8>>, usize);
 
 impl PooledBuf {
-    fn take() -> PooledBuf {
-        let b = POOL.with(|p| p.borrow_mut().pop());
-        PooledBuf(Some(b.unwrap_or_else(|| Vec::with_capacity(BUF))))
+    /// A buffer of `size` bytes' capacity (`SMALL` or `large`).
+    fn take(size: usize, large: usize) -> PooledBuf {
+        let b = pool_of(size, large).and_then(|i| POOLS.with(|p| p.borrow_mut()[i].pop()));
+        PooledBuf(Some(b.unwrap_or_else(|| Vec::with_capacity(size))), large)
     }
 }
 
 impl Drop for PooledBuf {
     fn drop(&mut self) {
         if let Some(b) = self.0.take() {
-            POOL.with(|p| {
-                if b.capacity() == BUF {
-                    p.borrow_mut().push(b);
-                }
-            });
+            if let Some(i) = pool_of(b.capacity(), self.1) {
+                POOLS.with(|p| p.borrow_mut()[i].push(b));
+            }
         }
     }
 }
