@@ -79,14 +79,15 @@ impl UringRelay {
     /// Probes io_uring. `bound` is `limits.max_buffer_per_direction`.
     pub fn start(bound: u64) -> Result<UringRelay, String> {
         probe().map_err(|e| e.to_string())?;
-        let half = usize::try_from(bound / 2).unwrap_or(usize::MAX);
         Ok(UringRelay {
-            large: half.clamp(SMALL, LARGE),
+            large: large_for(bound),
         })
     }
 
     /// Relays one connection on this worker's ring; gives the pair back if
-    /// this thread has no ring (its runtime could not set one up).
+    /// this thread has no ring (its runtime could not set one up). On a
+    /// worker with a ring, the caller runs in that runtime's `LocalSet`
+    /// (the server spawns every connection there).
     pub async fn relay(
         &self,
         pair: Pair,
@@ -197,19 +198,32 @@ async fn pump(
         buf.0 = Some(b);
         res.map_err(|_| dst_side)?;
         acct.add(to_origin, n as u64);
-        // A full read means more is queued: go large. A read the small
-        // buffer would have held means the burst is over: give the large
-        // one back for another direction.
-        let want = if n == size {
-            large
-        } else if n <= SMALL {
-            SMALL
-        } else {
-            size
-        };
+        let want = next_size(n, size, large);
         if want != size {
             buf = PooledBuf::take(want, large);
         }
+    }
+}
+
+/// A busy direction's buffer size under `limits.max_buffer_per_direction`
+/// = `bound`: half of it, within `SMALL..=LARGE`.
+fn large_for(bound: u64) -> usize {
+    usize::try_from(bound / 2)
+        .unwrap_or(usize::MAX)
+        .clamp(SMALL, LARGE)
+}
+
+/// The buffer size for a direction's next read, after a read of `n` bytes
+/// into `size`. A full read means more is queued: go large. A read the
+/// small buffer would have held means the burst is over: give the large one
+/// back for another direction.
+fn next_size(n: usize, size: usize, large: usize) -> usize {
+    if n == size {
+        large
+    } else if n <= SMALL {
+        SMALL
+    } else {
+        size
     }
 }
 
@@ -254,5 +268,40 @@ impl Drop for PooledBuf {
                 POOLS.with(|p| p.borrow_mut()[i].push(b));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_direction_grows_on_a_full_read_and_shrinks_after_the_burst() {
+        // Small reads keep the small buffer.
+        assert_eq!(next_size(100, SMALL, LARGE), SMALL);
+        // A full small read: more is queued.
+        assert_eq!(next_size(SMALL, SMALL, LARGE), LARGE);
+        // Still busy, partly full: stay large.
+        assert_eq!(next_size(SMALL + 1, LARGE, LARGE), LARGE);
+        assert_eq!(next_size(LARGE, LARGE, LARGE), LARGE);
+        // A read the small buffer would have held: back to small.
+        assert_eq!(next_size(SMALL, LARGE, LARGE), SMALL);
+        assert_eq!(next_size(1, LARGE, LARGE), SMALL);
+    }
+
+    #[test]
+    fn the_large_size_stays_within_half_the_bound() {
+        assert_eq!(large_for(32 << 20), LARGE);
+        assert_eq!(large_for(256 << 10), 128 << 10);
+        assert_eq!(large_for(1 << 20), 512 << 10);
+        assert_eq!(large_for(u64::MAX), LARGE);
+    }
+
+    #[test]
+    fn pools_take_only_their_two_sizes() {
+        assert_eq!(pool_of(SMALL, LARGE), Some(0));
+        assert_eq!(pool_of(LARGE, LARGE), Some(1));
+        assert_eq!(pool_of(128 << 10, 128 << 10), Some(1));
+        assert_eq!(pool_of(64 << 10, LARGE), None);
     }
 }
