@@ -6,7 +6,7 @@
 //!
 //! [limits]
 //! max_buffer_per_direction = 33554432  # bytes held in the proxy per direction
-//! sockmap_max_queued = 268435456       # sockmap: hard limit (reset) if user space is too late
+//! sockmap_max_queued = 268435456       # sockmap: hard limit (reset) if user space is too late (>= max_buffer_per_direction)
 //! sockmap_max_connections = 32768      # sockmap: more connections fall back to uring
 //! sockmap_promote_after_ms = 200       # sockmap: user space first, the kernel once this old and idle
 //!
@@ -103,7 +103,8 @@ pub struct Limits {
     pub max_buffer_per_direction: u64,
     /// On the sockmap path, the last resort: the kernel drops past this many
     /// bytes behind the receiver and the pair is reset (only if user space
-    /// could not move the direction in time).
+    /// could not move the direction in time). At least
+    /// `max_buffer_per_direction`, so the move at half of that comes first.
     pub sockmap_max_queued: u64,
     /// How many connections the sockmap path carries at once; the next ones
     /// fall back to the next path (uring, then userspace), with a log line.
