@@ -385,60 +385,41 @@ reuse_port = true
 
     #[test]
     fn semantic_errors_name_the_field() {
-        let err = Config::from_toml(
-            "[limits]\nmax_buffer_per_direction = 10\n[[listeners]]\nlisten = \"127.0.0.1:1\"\norigin = \"127.0.0.1:2\"\n",
-            Path::new("b.toml"),
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            err.starts_with("b.toml:2: field `limits.max_buffer_per_direction`"),
-            "{err}"
-        );
-        let err = Config::from_toml(
-            "[limits]\nsockmap_max_queued = 16777216\n[[listeners]]\nlisten = \"127.0.0.1:1\"\norigin = \"127.0.0.1:2\"\n",
-            Path::new("d.toml"),
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            err.starts_with(
-                "d.toml:2: field `limits.sockmap_max_queued`: must be at least limits.max_buffer_per_direction (33554432)"
+        const ONE: &str = "[[listeners]]\nlisten = \"127.0.0.1:1\"\norigin = \"127.0.0.1:2\"\n";
+        let cases = [
+            (
+                "[limits]\nmax_buffer_per_direction = 10\n",
+                "b.toml:2: field `limits.max_buffer_per_direction`",
             ),
-            "{err}"
-        );
-        let err = Config::from_toml(
-            "[limits]\nsockmap_max_connections = 0\n[[listeners]]\nlisten = \"127.0.0.1:1\"\norigin = \"127.0.0.1:2\"\n",
-            Path::new("c.toml"),
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            err.starts_with(
-                "c.toml:2: field `limits.sockmap_max_connections`: must be between 1 and 32768"
+            (
+                "[limits]\nsockmap_max_queued = 16777216\n",
+                "b.toml:2: field `limits.sockmap_max_queued`: must be at least limits.max_buffer_per_direction (33554432)",
             ),
-            "{err}"
-        );
-        let err = Config::from_toml(
-            "datapath = \"sockmap\"\n[limits]\nsockmap_promote_after_ms = 100000000\n[[listeners]]\nlisten = \"127.0.0.1:1\"\norigin = \"127.0.0.1:2\"\n",
-            Path::new("e.toml"),
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            err.starts_with("e.toml:3: field `limits.sockmap_promote_after_ms`: must be at most"),
-            "{err}"
-        );
-        let err = Config::from_toml(
-            "[[listeners]]\nlisten = \"127.0.0.1:1\"\norigin = \"127.0.0.1:2\"\n[[listeners]]\nlisten = \"127.0.0.1:1\"\norigin = \"127.0.0.1:3\"\n",
-            Path::new("d.toml"),
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            err.starts_with("d.toml:5: field `listeners[1].listen`"),
-            "{err}"
-        );
+            (
+                "[limits]\nsockmap_max_connections = 0\n",
+                "b.toml:2: field `limits.sockmap_max_connections`: must be between 1 and 32768",
+            ),
+            (
+                "datapath = \"sockmap\"\n[limits]\nsockmap_promote_after_ms = 100000000\n",
+                "b.toml:3: field `limits.sockmap_promote_after_ms`: must be at most",
+            ),
+            (
+                "[[listeners]]\nlisten = \"127.0.0.1:1\"\norigin = \"127.0.0.1:3\"\n",
+                "b.toml:5: field `listeners[1].listen`",
+            ),
+        ];
+        for (head, want) in cases {
+            // The duplicate-listener case puts its listener first.
+            let text = if head.starts_with("[[listeners]]") {
+                format!("{ONE}{head}")
+            } else {
+                format!("{head}{ONE}")
+            };
+            let err = Config::from_toml(&text, Path::new("b.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(want), "{text}\n=> {err}");
+        }
         let err = Config::from_toml("listeners = []\n", Path::new("c.toml"))
             .unwrap_err()
             .to_string();
