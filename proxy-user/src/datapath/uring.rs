@@ -20,11 +20,17 @@ use crate::sockopt;
 /// direction holds one for its read in flight, idle or not, so it is small.
 const SMALL: usize = 32 << 10;
 /// Most a direction's buffer grows to once a read has filled the small one:
-/// large reads and writes mean few ring round trips per byte on bulk. (With
-/// 64 KiB for every read, W1 one way ran at 0.52x direct; with 1 MiB,
-/// 0.73-0.87x.) Never more than half of `limits.max_buffer_per_direction`,
-/// which the socket buffers share.
-const LARGE: usize = 1 << 20;
+/// large reads and writes mean few ring round trips per byte on bulk. W1 in
+/// quick runs, one way and both ways against direct: 0.52x and 0.50x with
+/// 64 KiB for every read; 0.67-0.71x and 0.48x with 256 KiB; 0.73-0.87x and
+/// 0.52-0.57x with 1 MiB; 0.78-0.87x and 0.55-0.65x with 4 MiB (userspace
+/// beside it: 0.76-0.80x and 0.52-0.67x). Never more than half of
+/// `limits.max_buffer_per_direction`, which the socket buffers share.
+const LARGE: usize = 4 << 20;
+/// How many large buffers a worker keeps for the next busy direction. More
+/// are freed (glibc maps buffers this size on their own, so the memory goes
+/// back at once): a burst of bulk connections must not pin its peak.
+const LARGE_KEPT: usize = 4;
 
 struct Job {
     client: std::net::TcpStream,
@@ -227,10 +233,10 @@ fn next_size(n: usize, size: usize, large: usize) -> usize {
     }
 }
 
-// Relay buffers are never freed: each size's pool grows to the peak number
-// of directions that held one and stays there. Freeing them into the shared
-// heap and allocating again fragmented it and let RSS creep with the
-// connection count.
+// Small relay buffers are never freed: their pool grows to the peak number
+// of directions and stays there. Freeing them into the shared heap and
+// allocating again fragmented it and let RSS creep with the connection
+// count. Large ones are kept up to `LARGE_KEPT`.
 thread_local! {
     static POOLS: std::cell::RefCell<[Vec<Vec<u8>>; 2]> =
         const { std::cell::RefCell::new([Vec::new(), Vec::new()]) };
@@ -265,7 +271,12 @@ impl Drop for PooledBuf {
     fn drop(&mut self) {
         if let Some(b) = self.0.take() {
             if let Some(i) = pool_of(b.capacity(), self.1) {
-                POOLS.with(|p| p.borrow_mut()[i].push(b));
+                POOLS.with(|p| {
+                    let pool = &mut p.borrow_mut()[i];
+                    if i == 0 || pool.len() < LARGE_KEPT {
+                        pool.push(b);
+                    }
+                });
             }
         }
     }
@@ -295,6 +306,23 @@ mod tests {
         assert_eq!(large_for(256 << 10), 128 << 10);
         assert_eq!(large_for(1 << 20), 512 << 10);
         assert_eq!(large_for(u64::MAX), LARGE);
+    }
+
+    #[test]
+    fn a_worker_keeps_only_a_few_large_buffers() {
+        let large = 64 << 10;
+        let busy: Vec<PooledBuf> = (0..LARGE_KEPT + 3)
+            .map(|_| PooledBuf::take(large, large))
+            .collect();
+        let small: Vec<PooledBuf> = (0..10).map(|_| PooledBuf::take(SMALL, large)).collect();
+        drop(busy);
+        drop(small);
+        let (kept_small, kept_large) = POOLS.with(|p| {
+            let p = p.borrow();
+            (p[0].len(), p[1].len())
+        });
+        assert_eq!(kept_large, LARGE_KEPT);
+        assert!(kept_small >= 10, "{kept_small}");
     }
 
     #[test]
