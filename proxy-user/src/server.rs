@@ -146,9 +146,8 @@ fn run_worker(
     uring: bool,
 ) {
     if uring {
-        match tokio_uring::Runtime::new(&tokio_uring::builder()) {
+        match crate::datapath::uring::worker_runtime() {
             Ok(rt) => {
-                crate::datapath::uring::mark_worker();
                 // Dropping the runtime cancels the relays' operations.
                 rt.block_on(serve_worker(i, set, stop, true));
                 return;

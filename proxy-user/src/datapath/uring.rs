@@ -42,14 +42,27 @@ struct Job {
 }
 
 thread_local! {
-    /// Whether this thread runs a tokio-uring runtime ([`mark_worker`]).
+    /// Whether this thread runs a tokio-uring runtime ([`worker_runtime`]).
     static WORKER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Records that the calling thread runs inside a tokio-uring runtime, whose
-/// `LocalSet` the relay spawns into.
-pub fn mark_worker() {
+/// Sets up a worker's tokio-uring runtime and records that this thread has
+/// one (the relay spawns into its `LocalSet`).
+///
+/// With `IORING_SETUP_COOP_TASKRUN` (Linux 5.19+) a completion that arrives
+/// while the worker runs is handled at its next kernel entry; without it
+/// the kernel interrupts the worker at once (an IPI, a VM exit on a virtual
+/// machine). Older kernels refuse the flag, and the ring is set up without it.
+pub fn worker_runtime() -> io::Result<tokio_uring::Runtime> {
+    let rt = tokio_uring::Runtime::new(
+        tokio_uring::builder().uring_builder(tokio_uring::uring_builder().setup_coop_taskrun()),
+    )
+    .or_else(|e| {
+        tracing::info!("io_uring ring without COOP_TASKRUN (Linux 5.19+): {e}");
+        tokio_uring::Runtime::new(&tokio_uring::builder())
+    })?;
     WORKER.with(|w| w.set(true));
+    Ok(rt)
 }
 
 /// Checks that io_uring can be set up here and has the opcodes the relay uses.
@@ -75,7 +88,7 @@ pub fn probe() -> io::Result<()> {
 }
 
 /// The io_uring relay, once [`probe`] found io_uring usable. Connections
-/// relay on the worker thread that accepted them (see [`mark_worker`]).
+/// relay on the worker thread that accepted them (see [`worker_runtime`]).
 pub struct UringRelay {
     /// Size of a busy direction's buffer.
     large: usize,
