@@ -3,14 +3,13 @@
 //! | path | needs | how |
 //! |---|---|---|
 //! | `sockmap` | Linux 5.19+, CAP_BPF + CAP_NET_ADMIN (or root) | eBPF sk_skb verdict redirects socket to socket |
-//! | `uring` | Linux 5.11+, io_uring not disabled | each worker's io_uring runtime, read/write per direction |
+//! | `uring` | Linux 5.11+ (5.19+ for `COOP_TASKRUN`), io_uring not disabled | each worker's io_uring runtime, read/write per direction |
 //! | `userspace` | anything | tokio, one buffer per direction |
 //!
 //! `auto` takes `userspace`: in `cargo xtask bench` (bench/results/) it
-//! matched or beat `uring` in every workload here. Since uring relays on
-//! the workers, the two tie on bulk one way (0.69-0.79x direct) and on
-//! 1,000 x 64 B echoes; userspace leads on handshakes (0.94-1.01x nginx
-//! against 0.80-0.83x) and on bulk both ways. It still probes io_uring and says in its log line whether it is
+//! leads `uring` on handshakes (0.94-1.01x nginx against 0.83-0.87x), on
+//! echoes and on bulk both ways; uring moved bulk one way faster in the
+//! last two full runs (0.70-0.74x direct against 0.61-0.68x). It still probes io_uring and says in its log line whether it is
 //! available. `sockmap` moved bulk about as fast (one way 0.74-0.85x
 //! direct against 0.77-0.82x, both ways 0.59-0.66x against 0.51-0.59x, over
 //! two full runs) but cost more CPU per MiB (820-947 against 801-879 µs) and
