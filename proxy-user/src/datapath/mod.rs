@@ -7,7 +7,7 @@
 //! | `userspace` | anything | tokio, one buffer per direction |
 //!
 //! `auto` takes `userspace`: in `cargo xtask bench` (bench/results/) it
-//! leads `uring` on handshakes (0.94-1.01x nginx against 0.83-0.87x), on
+//! leads `uring` on handshakes (0.94-1.01x nginx against 0.80-0.87x), on
 //! echoes and on bulk both ways; uring moved bulk one way faster in the
 //! last two full runs (0.70-0.74x direct against 0.61-0.68x). It still probes io_uring and says in its log line whether it is
 //! available. `sockmap` moved bulk about as fast (one way 0.74-0.85x
