@@ -135,6 +135,7 @@ fn bind(addr: SocketAddr, bound: u64, reuse_port: bool) -> std::io::Result<std::
     s.listen(4096)?;
     Ok(s.into())
 }
+
 /// One worker thread: its own single-threaded runtime, and on it an accept
 /// loop per listener. With `uring`, the runtime is tokio-uring's, so this
 /// thread also relays the connections it accepted (no hand-off to another
