@@ -23,8 +23,8 @@ const SMALL: usize = 32 << 10;
 /// large reads and writes mean few ring round trips per byte on bulk. W1 in
 /// quick runs, one way and both ways against direct: 0.52x and 0.50x with
 /// 64 KiB for every read; 0.67-0.71x and 0.48x with 256 KiB; 0.73-0.87x and
-/// 0.52-0.57x with 1 MiB; 0.78-0.87x and 0.55-0.65x with 4 MiB (userspace
-/// beside it: 0.76-0.80x and 0.52-0.67x). Never more than half of
+/// 0.52-0.57x with 1 MiB; 0.71-0.87x and 0.55-0.65x with 4 MiB (userspace
+/// beside it: 0.73-0.80x and 0.52-0.69x). Never more than half of
 /// `limits.max_buffer_per_direction`, which the socket buffers share.
 const LARGE: usize = 4 << 20;
 /// How many large buffers a worker keeps for the next busy direction. More
