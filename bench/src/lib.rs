@@ -7,6 +7,7 @@
 //! | `ws` | RFC 6455 handshake and frames (masked from the client) |
 //! | `origin` | the origin server (echo, sink, bulk) |
 //! | `load` | the workloads W1 to W4 |
+//! | `netns` | the run's own network namespace and congestion control |
 //! | `targets` | starts and stops the proxies; installs the Debian ones |
 //! | `sys` | CPU, memory and fd-limit readings from /proc |
 //! | `report` | medians, the Markdown table, the checks against the targets |
@@ -14,6 +15,7 @@
 
 pub mod chart;
 pub mod load;
+pub mod netns;
 pub mod origin;
 pub mod report;
 pub mod sys;
@@ -58,6 +60,9 @@ pub struct Opts {
     pub reps: Option<usize>,
     /// Only these workloads (`w1`..`w4`), if given.
     pub workloads: Vec<String>,
+    /// Measure in the host's network namespace, under its TCP settings,
+    /// instead of the run's own (see [`netns`]).
+    pub host_network: bool,
 }
 
 /// The sizes of one run of the matrix.
@@ -154,6 +159,13 @@ pub fn run(opts: &Opts) -> Result<String, String> {
         n
     } else {
         plan.idle_conns
+    };
+    // After the installs (they need the host's network), before any thread
+    // or process that should share the run's namespace.
+    let net = if opts.host_network {
+        netns::host(None)
+    } else {
+        netns::enter()?
     };
     let origin = origin::Origin::start(2).map_err(|e| format!("starting the origin: {e}"))?;
     let load = tokio::runtime::Builder::new_multi_thread()
@@ -281,7 +293,7 @@ pub fn run(opts: &Opts) -> Result<String, String> {
     drop(running);
     drop(load);
     drop(origin);
-    report::write(opts, &plan, &names, &records, &notes)
+    report::write(opts, &plan, &net, &names, &records, &notes)
 }
 
 fn measure(

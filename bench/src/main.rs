@@ -25,6 +25,10 @@ struct Cli {
     /// Repetitions per measurement (default 3, or 1 with --quick).
     #[arg(long)]
     reps: Option<usize>,
+    /// Measure in the host's network namespace, under its TCP settings
+    /// (default: a namespace of the run's own, with cubic).
+    #[arg(long)]
+    host_network: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -36,6 +40,7 @@ fn main() -> anyhow::Result<()> {
         only: cli.targets,
         reps: cli.reps,
         workloads: cli.workloads,
+        host_network: cli.host_network,
     };
     let md = sluice_bench::run(&opts).map_err(anyhow::Error::msg)?;
     println!("{md}");

@@ -188,6 +188,7 @@ fn ratio(a: f64, b: f64) -> String {
 pub fn write(
     opts: &Opts,
     plan: &Plan,
+    net: &crate::netns::Network,
     targets: &[String],
     records: &[Record],
     notes: &[String],
@@ -208,6 +209,7 @@ pub fn write(
             .trim(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
     );
+    let _ = writeln!(md, "{}\n", net.describe());
     let rel = |w: Workload, case: &str, tg: &str, m: &str| {
         let v = t.get(w, case, tg, m);
         (
