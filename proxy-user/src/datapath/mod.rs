@@ -22,6 +22,7 @@
 //! on `userspace`. A connection that cannot join the chosen path falls back
 //! to the next (sockmap, then uring, then userspace).
 
+mod pipe;
 mod shared_map;
 pub mod sockmap;
 pub mod uring;

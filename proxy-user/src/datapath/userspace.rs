@@ -1,9 +1,12 @@
 //! The plain user-space relay: tokio, readiness first, then one large read
 //! into the worker thread's scratch buffer and a write straight from it.
+//! A direction whose read moves at least [`SPLICE_STAY`] is streaming, and
+//! moves its next bytes with `splice(2)` through a pooled pipe instead
+//! ([`super::pipe`]), until a splice moves less than that.
 //!
-//! An idle connection holds no buffer; only bytes the target would not take
-//! at once are copied into the direction's own, short-lived buffer. Works
-//! everywhere. Half-close: EOF on one side becomes `shutdown(SHUT_WR)`
+//! An idle connection holds no buffer and no pipe; only bytes the target
+//! would not take at once are copied into the direction's own, short-lived
+//! buffer. Works everywhere. Half-close: EOF on one side becomes `shutdown(SHUT_WR)`
 //! on the other after every byte read has been written. A reset or error on
 //! either side resets both.
 
@@ -14,16 +17,19 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
+use super::pipe::Pipe;
 use super::{CloseReason, Pair, Side};
 use crate::accounting::Accounting;
 use crate::sockopt;
 
 /// Size of each worker thread's read buffer: large reads mean few
-/// syscalls per byte on bulk transfers. (Bulk through `splice` and a pooled
-/// 1 MiB pipe instead, with no copy to user space, measured worse here:
-/// W1 0.62-0.66x direct one way and 0.57-0.61x both ways, 938-1133
-/// CPU-µs/MiB, against 0.82-0.84x, 0.64-0.65x and 760-860 with copies.)
+/// syscalls per byte on bulk transfers.
 const SCRATCH: usize = 1 << 20;
+
+/// A streaming direction keeps splicing while each splice moves at least
+/// this much; below it, the bytes come in messages, and a copy costs less
+/// than two splices.
+const SPLICE_STAY: usize = 64 << 10;
 
 thread_local! {
     static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; SCRATCH]);
@@ -34,7 +40,7 @@ enum Step {
     /// The source sent FIN.
     Eof,
     /// Bytes written at once (the rest are in `pending`), and whether the
-    /// read filled the scratch buffer (more is likely waiting).
+    /// read moved at least [`SPLICE_STAY`] (a bulk transfer is under way).
     Moved(usize, bool),
     /// Not readable after all.
     Again,
@@ -250,8 +256,11 @@ async fn pump(
     }
     drop(ahead);
     let mut pending: Vec<u8> = Vec::new();
-    // The last read filled the scratch buffer: a bulk transfer is under way.
+    // The last read or splice moved at least SPLICE_STAY: a bulk transfer
+    // is under way.
     let mut streaming = false;
+    // No pipe to be had here (limits): this direction copies.
+    let mut no_pipe = false;
     loop {
         if !pending.is_empty() {
             write_all(w, &pending).await.map_err(|_| dst)?;
@@ -272,6 +281,26 @@ async fn pump(
             }
             _ => read_ready(r).await.map_err(|_| src)?,
         }
+        if streaming && !no_pipe {
+            match Pipe::take() {
+                Some(pipe) => {
+                    match splice_step(r, w, pipe, src, dst).await? {
+                        Step::Eof => {
+                            use std::os::fd::AsFd;
+                            let _ = sockopt::shutdown_write(w.as_fd());
+                            return Ok(Finish::Eof);
+                        }
+                        Step::Moved(n, more) => {
+                            acct.add(to_origin, n as u64);
+                            streaming = more;
+                        }
+                        Step::Again => streaming = false,
+                    }
+                    continue;
+                }
+                None => no_pipe = true,
+            }
+        }
         let step = BUF.with(|b| {
             let mut b = b.borrow_mut();
             let n = match read_once(r, &mut b) {
@@ -289,7 +318,7 @@ async fn pump(
                 }
             }
             pending.extend_from_slice(&b[off..n]);
-            Ok(Step::Moved(off, n == b.len()))
+            Ok(Step::Moved(off, n >= SPLICE_STAY))
         })?;
         match step {
             Step::Eof => {
@@ -306,6 +335,58 @@ async fn pump(
             Step::Again => streaming = false,
         }
     }
+}
+
+/// One splice from `r` into `pipe`, then on to `w` until the pipe is
+/// empty; the pipe goes back to the pool. `Moved(n, more)`: `more` if the
+/// splice moved at least [`SPLICE_STAY`]. Every byte taken from `r` has
+/// reached `w`'s send queue when this returns `Ok`; on `Err` the pipe is
+/// closed with whatever it held, and the pair is reset.
+async fn splice_step(
+    r: &TcpStream,
+    w: &TcpStream,
+    mut pipe: Pipe,
+    src: Side,
+    dst: Side,
+) -> Result<Step, Side> {
+    use std::os::fd::AsRawFd;
+    let mut got = None;
+    // A splice that did not fill the pipe emptied the receive queue: clear
+    // tokio's readiness at once, as `read_once` does.
+    let res = r.try_io(tokio::io::Interest::READABLE, || {
+        let n = pipe.fill_from(r.as_raw_fd())?;
+        if n == 0 || pipe.held() == super::pipe::CAPACITY {
+            return Ok(n);
+        }
+        got = Some(n);
+        Err(std::io::ErrorKind::WouldBlock.into())
+    });
+    let n = match (res, got) {
+        (_, Some(n)) | (Ok(n), None) => n,
+        (Err(e), None) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            pipe.put_back();
+            return Ok(Step::Again);
+        }
+        (Err(_), None) => return Err(src),
+    };
+    if n == 0 {
+        pipe.put_back();
+        return Ok(Step::Eof);
+    }
+    while pipe.held() > 0 {
+        std::future::poll_fn(|cx| w.poll_write_ready(cx))
+            .await
+            .map_err(|_| dst)?;
+        match w.try_io(tokio::io::Interest::WRITABLE, || {
+            pipe.drain_to(w.as_raw_fd())
+        }) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return Err(dst),
+        }
+    }
+    pipe.put_back();
+    Ok(Step::Moved(n, n >= SPLICE_STAY))
 }
 
 /// Re-wraps a std stream (from a path that gave up) for this relay.
