@@ -6,15 +6,17 @@
 //! | `uring` | Linux 5.11+ (5.19+ for `COOP_TASKRUN`), io_uring not disabled | each worker's io_uring runtime, read/write per direction |
 //! | `userspace` | anything | tokio, one buffer per direction |
 //!
-//! `auto` takes `userspace`: in `cargo xtask bench` (bench/results/) it
-//! leads `uring` on handshakes (0.94-1.01x nginx against 0.80-0.87x), on
-//! echoes and on bulk both ways; uring moved bulk one way faster in the
-//! last two full runs (0.70-0.74x direct against 0.61-0.68x). It still probes io_uring and says in its log line whether it is
-//! available. `sockmap` moved bulk about as fast (one way 0.74-0.85x
-//! direct against 0.77-0.82x, both ways 0.59-0.66x against 0.51-0.59x, over
-//! two full runs) but cost more CPU per MiB (820-947 against 801-879 µs) and
-//! per new session (449-488 against 324-332 µs when every session joined
-//! the maps at the 101), and ran 0.8x userspace at 100 echo connections;
+//! `auto` takes `userspace`: in `cargo xtask bench` (bench/results/, runs
+//! E and F in the harness's own namespace) it moved bulk fastest (one way
+//! 0.70-0.73x direct, both ways 0.57-0.66x, against 0.61-0.67x and
+//! 0.49-0.55x on uring and 0.63-0.72x and 0.52-0.57x on sockmap) at the
+//! least CPU per MiB (410-420 µs against 420-508), and ran handshakes and
+//! echoes within the noise of the others. It still probes io_uring and
+//! says in its log line whether it is available. `sockmap` bulk falls
+//! behind and moves to user space within 16 MiB; it costs more per new
+//! session when sessions join the maps at the 101 (449-488 against 324-332
+//! CPU-µs, an earlier run), and ran 0.81-0.99x userspace at 100 and 1,000
+//! echo connections;
 //! choose it explicitly. On `sockmap`, a connection starts in the
 //! user-space relay and joins the kernel once it is
 //! `limits.sockmap_promote_after_ms` old and idle both ways
