@@ -152,4 +152,15 @@ async fn a_move_into_the_kernel_mid_stream_loses_nothing() {
     let moved = s.logs().matches("continues in user space").count();
     eprintln!("{joined} of {ROUNDS} rounds joined the kernel mid-stream; {moved} direction(s) moved back out");
     assert!(joined > 0, "no round joined the kernel:\n{}", s.logs());
+    // The access log counts every byte, the ones user space relayed before
+    // the move included.
+    let field = |line: &str, key: &str| -> Option<u64> {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .and_then(|v| v.parse().ok())
+    };
+    for line in s.logs().lines().filter(|l| l.contains("closed:")) {
+        assert_eq!(field(line, "bytes_in="), Some(LEN), "{line}");
+        assert_eq!(field(line, "bytes_out="), Some(LEN), "{line}");
+    }
 }

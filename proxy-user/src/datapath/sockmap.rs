@@ -361,12 +361,16 @@ impl Sockmap {
             Ok(n) => n,
             Err(side) => return Ok(reset_both(&client, &origin, side)),
         };
+        // What user space relayed before the promotion counts too: the
+        // totals below start from it.
+        let (before_c, before_o) = acct.totals();
         let ahead = [
             client_ahead.len() as u64 + c_queued,
             origin_ahead.len() as u64 + o_queued,
         ];
         acct.add(true, ahead[0]);
         acct.add(false, ahead[1]);
+        let ahead = [before_c + ahead[0], before_o + ahead[1]];
         let give_back = |c: std::net::TcpStream, o: std::net::TcpStream, why: String| match (
             userspace::from_std(c),
             userspace::from_std(o),
