@@ -118,6 +118,10 @@ const EV_OVERRUN: u32 = 64;
 /// How long a connection waits before looking again while it is waiting on
 /// the kernel (redirect queue draining, target full).
 const POLL: Duration = Duration::from_millis(2);
+/// Bytes one [`Dir::pump`] call moves at most before the connection's loop
+/// looks at its other direction (whose marks the kernel may be passing)
+/// and lets the worker's other connections run: about a millisecond here.
+const PUMP_BUDGET: u64 = 4 << 20;
 /// A direction that has no slot yet.
 const NO_SLOT: u32 = u32::MAX;
 /// Read buffer of a drain; allocated only while a direction passes.
@@ -551,6 +555,10 @@ impl Sockmap {
             if dirs.iter().all(|d| d.done) {
                 return CloseReason::Done;
             }
+            if dirs.iter().any(|d| !d.done && d.more) {
+                tokio::task::yield_now().await;
+                continue;
+            }
             if dirs.iter().any(|d| !d.done && d.busy()) {
                 tokio::select! {
                     _ = signal.notify.notified() => {}
@@ -669,6 +677,9 @@ struct Dir {
     /// Waiting on the kernel (redirect queue draining, target full) with no
     /// event to say when it is done: look again after [`POLL`].
     waiting: bool,
+    /// The last pump stopped at [`PUMP_BUDGET`]: more may be readable, and
+    /// no event will say so.
+    more: bool,
     fin_seen: bool,
     eof: bool,
     /// Every byte is out; `dst` is to be shut down for writing.
@@ -694,6 +705,7 @@ impl Dir {
             buf: Vec::new(),
             pending: 0..0,
             waiting: false,
+            more: false,
             fin_seen: false,
             eof: false,
             fin_due: false,
@@ -814,6 +826,8 @@ impl Dir {
     fn pump(&mut self, sm: &Sockmap, fds: &[std::net::TcpStream; 2]) -> Result<(), Side> {
         let (src, dst) = (fds[self.src].as_fd(), fds[self.dst].as_fd());
         self.waiting = false;
+        self.more = false;
+        let stop_at = self.user_written + PUMP_BUDGET;
         loop {
             while !self.pending.is_empty() {
                 match send(dst, &self.buf[self.pending.clone()]) {
@@ -845,6 +859,13 @@ impl Dir {
             }
             if self.active && !self.fin_seen {
                 // The kernel relays; nothing for user space to read.
+                return Ok(());
+            }
+            if self.user_written >= stop_at {
+                // A source that never runs dry would keep this loop from
+                // the other direction's marks (a both-ways run passed the
+                // hard limit so, 1 run in 15) and from other connections.
+                self.more = true;
                 return Ok(());
             }
             if self.buf.capacity() == 0 {
