@@ -245,6 +245,8 @@ pub fn run(opts: &Opts) -> Result<String, String> {
                 let run = measure(&load, &plan, *w, case, idle_conns, t);
                 // A failed run's own log lines say why (reset, fallback).
                 let run = run.map_err(|e| {
+                    // Sluice writes its log in batches every 20 ms.
+                    std::thread::sleep(Duration::from_millis(100));
                     let why = t.problems_since(log_from, 3);
                     if why.is_empty() {
                         e
