@@ -281,45 +281,37 @@ async fn pump(
             }
             _ => read_ready(r).await.map_err(|_| src)?,
         }
-        if streaming && !no_pipe {
-            match Pipe::take() {
-                Some(pipe) => {
-                    match splice_step(r, w, pipe, src, dst).await? {
-                        Step::Eof => {
-                            use std::os::fd::AsFd;
-                            let _ = sockopt::shutdown_write(w.as_fd());
-                            return Ok(Finish::Eof);
-                        }
-                        Step::Moved(n, more) => {
-                            acct.add(to_origin, n as u64);
-                            streaming = more;
-                        }
-                        Step::Again => streaming = false,
+        // A streaming direction splices, if this worker can have a pipe.
+        let spliced = match (streaming && !no_pipe).then(Pipe::take) {
+            Some(Some(pipe)) => Some(splice_step(r, w, pipe, src, dst).await?),
+            Some(None) => {
+                no_pipe = true;
+                None
+            }
+            None => None,
+        };
+        let step = match spliced {
+            Some(step) => step,
+            None => BUF.with(|b| {
+                let mut b = b.borrow_mut();
+                let n = match read_once(r, &mut b) {
+                    Ok(0) => return Ok(Step::Eof),
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(Step::Again),
+                    Err(_) => return Err(src),
+                };
+                let mut off = 0;
+                while off < n {
+                    match w.try_write(&b[off..n]) {
+                        Ok(k) => off += k,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(_) => return Err(dst),
                     }
-                    continue;
                 }
-                None => no_pipe = true,
-            }
-        }
-        let step = BUF.with(|b| {
-            let mut b = b.borrow_mut();
-            let n = match read_once(r, &mut b) {
-                Ok(0) => return Ok(Step::Eof),
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(Step::Again),
-                Err(_) => return Err(src),
-            };
-            let mut off = 0;
-            while off < n {
-                match w.try_write(&b[off..n]) {
-                    Ok(k) => off += k,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                    Err(_) => return Err(dst),
-                }
-            }
-            pending.extend_from_slice(&b[off..n]);
-            Ok(Step::Moved(off, n >= SPLICE_STAY))
-        })?;
+                pending.extend_from_slice(&b[off..n]);
+                Ok(Step::Moved(off, n >= SPLICE_STAY))
+            })?,
+        };
         match step {
             Step::Eof => {
                 // Ignore ENOTCONN: the peer may have reset meanwhile; the
@@ -328,9 +320,9 @@ async fn pump(
                 let _ = sockopt::shutdown_write(w.as_fd());
                 return Ok(Finish::Eof);
             }
-            Step::Moved(n, full) => {
+            Step::Moved(n, more) => {
                 acct.add(to_origin, n as u64);
-                streaming = full;
+                streaming = more;
             }
             Step::Again => streaming = false,
         }
