@@ -7,15 +7,15 @@
 //! | `userspace` | anything | tokio, one buffer per direction |
 //!
 //! `auto` takes `userspace`: in `cargo xtask bench` (bench/results/, runs
-//! E and F in the harness's own namespace) it moved bulk fastest (one way
-//! 0.70-0.73x direct, both ways 0.57-0.66x, against 0.61-0.67x and
-//! 0.49-0.55x on uring and 0.63-0.72x and 0.52-0.57x on sockmap) at the
-//! least CPU per MiB (410-420 µs against 420-508), and ran handshakes and
+//! E to G in the harness's own namespace) it moved bulk fastest (one way
+//! 0.67-0.73x direct, both ways 0.57-0.67x, against 0.54-0.67x and
+//! 0.48-0.55x on uring and 0.63-0.72x and 0.52-0.57x on sockmap) at the
+//! least CPU per MiB (410-430 µs against 420-518), and ran handshakes and
 //! echoes within the noise of the others. It still probes io_uring and
 //! says in its log line whether it is available. `sockmap` bulk falls
 //! behind and moves to user space within 16 MiB; it costs more per new
 //! session when sessions join the maps at the 101 (449-488 against 324-332
-//! CPU-µs, an earlier run), and ran 0.81-0.99x userspace at 100 and 1,000
+//! CPU-µs, an earlier run), and ran 0.81-1.03x userspace at 100 and 1,000
 //! echo connections;
 //! choose it explicitly. On `sockmap`, a connection starts in the
 //! user-space relay and joins the kernel once it is
