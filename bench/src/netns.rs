@@ -4,8 +4,8 @@
 //!
 //! Why: this machine kind defaults to BBR without the `fq` qdisc, so TCP
 //! paces every stream itself. On loopback that held one direct stream to
-//! 19-27 Gbit/s at 469 CPU-µs/MiB, against 41-45 Gbit/s at 156-234 with
-//! cubic (quick W1 runs side by side). Paced, the direct row is not the
+//! 19-27 Gbit/s at 410-469 CPU-µs/MiB, against 41-46 Gbit/s at 156-273
+//! with cubic (W1 runs, quick and full). Paced, the direct row is not the
 //! physical limit the ratios are taken against, and it moves with whatever
 //! the host was tuned for. Linux 2.6.24+ (`CLONE_NEWNET`), root.
 
