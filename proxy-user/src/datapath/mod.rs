@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | `sockmap` | Linux 5.19+, CAP_BPF + CAP_NET_ADMIN (or root) | eBPF sk_skb verdict redirects socket to socket |
 //! | `uring` | Linux 5.11+ (5.19+ for `COOP_TASKRUN`), io_uring not disabled | each worker's io_uring runtime, read/write per direction |
-//! | `userspace` | anything | tokio, one buffer per direction |
+//! | `userspace` | anything (`splice`: Linux 2.6.17+) | tokio; a read into the worker's scratch buffer, or `splice` through a pooled pipe while a direction streams |
 //!
 //! `auto` takes `userspace`: in `cargo xtask bench` (bench/results/, runs
 //! E to G in the harness's own namespace) it moved bulk fastest (one way
