@@ -120,7 +120,8 @@ const EV_OVERRUN: u32 = 64;
 const POLL: Duration = Duration::from_millis(2);
 /// Bytes one [`Dir::pump`] call moves at most before the connection's loop
 /// looks at its other direction (whose marks the kernel may be passing)
-/// and lets the worker's other connections run: about a millisecond here.
+/// and lets the worker's other connections run: about a millisecond at the
+/// 25-34 Gbit/s user space relayed in W1 here.
 const PUMP_BUDGET: u64 = 4 << 20;
 /// A direction that has no slot yet.
 const NO_SLOT: u32 = u32::MAX;
