@@ -242,7 +242,14 @@ pub fn run(opts: &Opts) -> Result<String, String> {
                     rep + 1
                 ));
                 let log_from = t.log_len();
-                let run = measure(&load, &plan, *w, case, idle_conns, t);
+                let cpu0 = t.cpu_ns();
+                let run = measure(&load, &plan, *w, case, idle_conns, t).map(|mut r| {
+                    r.proxy_cpu_us = match (cpu0, t.cpu_ns()) {
+                        (Some(a), Some(b)) => b.saturating_sub(a) as f64 / 1e3,
+                        _ => f64::NAN,
+                    };
+                    r
+                });
                 // A failed run's own log lines say why (reset, fallback).
                 let run = run.map_err(|e| {
                     // Sluice writes its log in batches every 20 ms.

@@ -157,6 +157,9 @@ pub struct Run {
     pub rss_per_conn: f64,
     /// Kernel socket memory per connection, bytes.
     pub kernel_per_conn: f64,
+    /// CPU time of the proxy's own processes over the whole call, in µs
+    /// (NaN for direct); set by the caller, who knows the proxy.
+    pub proxy_cpu_us: f64,
 }
 
 /// W1: `n` bytes one way (client to origin), or both ways at once.

@@ -295,6 +295,12 @@ impl Target {
             .map_or(0, |c| crate::sys::rss_tree(c.id()))
     }
 
+    /// CPU time its processes have run so far, in ns (`None` for direct);
+    /// see [`crate::sys::cpu_tree_ns`].
+    pub fn cpu_ns(&self) -> Option<u64> {
+        self.child.as_ref().map(|c| crate::sys::cpu_tree_ns(c.id()))
+    }
+
     /// Whether its process is still alive (direct always is).
     pub fn alive(&mut self) -> bool {
         self.child
