@@ -489,7 +489,7 @@ fn checks<'a>(
             "W2 added p99 over direct vs nginx's".into(),
             "≤ nginx's in every case",
             Box::new(move |tg: &str| {
-                let mut met = 0;
+                let mut missed = Vec::new();
                 let mut n = 0;
                 for c in echo_cases {
                     let d = t.get(Workload::Echo, c, "direct", "p99");
@@ -497,13 +497,19 @@ fn checks<'a>(
                     let theirs = t.get(Workload::Echo, c, "nginx", "p99") - d;
                     if ours.is_finite() && theirs.is_finite() {
                         n += 1;
-                        met += usize::from(ours <= theirs);
+                        if ours > theirs {
+                            missed.push(c.as_str());
+                        }
                     }
                 }
                 if n == 0 {
                     "–".into()
+                } else if missed.is_empty() {
+                    mark(true, format!("in all {n} cases"))
                 } else {
-                    mark(met == n, format!("{met} of {n} cases"))
+                    let met = n - missed.len();
+                    let which = missed.join(", ");
+                    mark(false, format!("met in {met} of {n} cases; missed: {which}"))
                 }
             }),
         ),
@@ -559,6 +565,41 @@ mod tests {
         assert_eq!(pct(&v, 0.5), 500.0);
         assert_eq!(pct(&v, 0.99), 990.0);
         assert_eq!(pct(&v, 0.999), 999.0);
+    }
+
+    #[test]
+    fn the_p99_check_names_the_cases_it_missed() {
+        let echo = |tg: &str, case: &str, p99_us: u32| Record {
+            workload: Workload::Echo,
+            case: case.into(),
+            target: tg.into(),
+            run: Ok(Run {
+                secs: 1.0,
+                count: 1.0,
+                rtt_ns: vec![p99_us * 1000],
+                ..Run::default()
+            }),
+        };
+        let cases = [echo_case(1, 64), echo_case(100, 64)];
+        let records = [
+            echo("direct", &cases[0], 100),
+            echo("nginx", &cases[0], 140),
+            echo("sluice-userspace", &cases[0], 150),
+            echo("direct", &cases[1], 100),
+            echo("nginx", &cases[1], 140),
+            echo("sluice-userspace", &cases[1], 120),
+        ];
+        let t = Table::new(&records);
+        let all = checks(&t, "", "", &cases);
+        let (_, _, p99) = all
+            .iter()
+            .find(|(name, _, _)| name.contains("p99"))
+            .unwrap();
+        assert_eq!(
+            p99("sluice-userspace"),
+            "**missed** (met in 1 of 2 cases; missed: 1 x 64 B)"
+        );
+        assert_eq!(p99("nginx"), "met (in all 2 cases)");
     }
 
     #[test]
