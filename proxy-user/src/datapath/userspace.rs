@@ -67,9 +67,26 @@ pub async fn relay(pair: Pair, acct: Arc<Accounting>) -> CloseReason {
         origin,
         origin_ahead,
     } = pair;
+    let first_fin = AtomicBool::new(false);
     let result = tokio::try_join!(
-        pump(&client, &origin, client_ahead, &acct, true, None),
-        pump(&origin, &client, origin_ahead, &acct, false, None)
+        pump(
+            &client,
+            &origin,
+            client_ahead,
+            &acct,
+            true,
+            &first_fin,
+            None
+        ),
+        pump(
+            &origin,
+            &client,
+            origin_ahead,
+            &acct,
+            false,
+            &first_fin,
+            None
+        )
     );
     ended(result.map(|_| ()), &client, &origin)
 }
@@ -91,10 +108,27 @@ pub async fn relay_until_idle(
         origin_ahead,
     } = pair;
     let promo = Promotion::default();
+    let first_fin = AtomicBool::new(false);
     let pumps = async {
         tokio::try_join!(
-            pump(&client, &origin, client_ahead, &acct, true, Some(&promo)),
-            pump(&origin, &client, origin_ahead, &acct, false, Some(&promo))
+            pump(
+                &client,
+                &origin,
+                client_ahead,
+                &acct,
+                true,
+                &first_fin,
+                Some(&promo)
+            ),
+            pump(
+                &origin,
+                &client,
+                origin_ahead,
+                &acct,
+                false,
+                &first_fin,
+                Some(&promo)
+            )
         )
     };
     // One timer per connection, not one per wait.
@@ -241,12 +275,15 @@ async fn write_all(s: &TcpStream, mut buf: &[u8]) -> std::io::Result<()> {
 
 /// Copies one direction; `Err` names the side whose socket failed. With
 /// `promo`, it may stop while idle (see [`relay_until_idle`]).
+/// `first_fin`: shared by the two pumps of a pair; set by the one that
+/// passes the first FIN on.
 async fn pump(
     r: &TcpStream,
     w: &TcpStream,
     ahead: bytes::Bytes,
     acct: &Accounting,
     to_origin: bool,
+    first_fin: &AtomicBool,
     promo: Option<&Promotion>,
 ) -> Result<Finish, Side> {
     let (src, dst) = if to_origin {
@@ -318,10 +355,15 @@ async fn pump(
         };
         match step {
             Step::Eof => {
-                // Ignore ENOTCONN: the peer may have reset meanwhile; the
-                // other direction reports that.
-                use std::os::fd::AsFd;
-                let _ = sockopt::shutdown_write(w.as_fd());
+                // The second FIN needs no `shutdown`: both pumps are done,
+                // the relay returns at once, and closing a socket whose
+                // bytes were all read sends the FIN (one syscall less per
+                // session). Ignore ENOTCONN: the peer may have reset
+                // meanwhile; the other direction reports that.
+                if !first_fin.swap(true, Ordering::Relaxed) {
+                    use std::os::fd::AsFd;
+                    let _ = sockopt::shutdown_write(w.as_fd());
+                }
                 return Ok(Finish::Eof);
             }
             Step::Moved(n, more) => {
