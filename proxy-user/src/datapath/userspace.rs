@@ -7,8 +7,9 @@
 //! An idle connection holds no buffer and no pipe; only bytes the target
 //! would not take at once are copied into the direction's own, short-lived
 //! buffer. Works everywhere. Half-close: EOF on one side becomes
-//! `shutdown(SHUT_WR)` on the other after every byte read has been written.
-//! A reset or error on either side resets both.
+//! `shutdown(SHUT_WR)` on the other after every byte read has been written;
+//! the second EOF needs no `shutdown`, as the close that follows sends that
+//! FIN. A reset or error on either side resets both.
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
