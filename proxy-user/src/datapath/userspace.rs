@@ -68,27 +68,7 @@ pub async fn relay(pair: Pair, acct: Arc<Accounting>) -> CloseReason {
         origin,
         origin_ahead,
     } = pair;
-    let first_fin = AtomicBool::new(false);
-    let result = tokio::try_join!(
-        pump(
-            &client,
-            &origin,
-            client_ahead,
-            &acct,
-            true,
-            &first_fin,
-            None
-        ),
-        pump(
-            &origin,
-            &client,
-            origin_ahead,
-            &acct,
-            false,
-            &first_fin,
-            None
-        )
-    );
+    let result = pumps(&client, &origin, (client_ahead, origin_ahead), &acct, None).await;
     ended(result.map(|_| ()), &client, &origin)
 }
 
@@ -109,29 +89,13 @@ pub async fn relay_until_idle(
         origin_ahead,
     } = pair;
     let promo = Promotion::default();
-    let first_fin = AtomicBool::new(false);
-    let pumps = async {
-        tokio::try_join!(
-            pump(
-                &client,
-                &origin,
-                client_ahead,
-                &acct,
-                true,
-                &first_fin,
-                Some(&promo)
-            ),
-            pump(
-                &origin,
-                &client,
-                origin_ahead,
-                &acct,
-                false,
-                &first_fin,
-                Some(&promo)
-            )
-        )
-    };
+    let both = pumps(
+        &client,
+        &origin,
+        (client_ahead, origin_ahead),
+        &acct,
+        Some(&promo),
+    );
     // One timer per connection, not one per wait.
     let due = async {
         tokio::time::sleep(after).await;
@@ -140,7 +104,7 @@ pub async fn relay_until_idle(
         std::future::pending::<std::convert::Infallible>().await
     };
     let result = tokio::select! {
-        r = pumps => r,
+        r = both => r,
         never = due => match never {},
     };
     match result {
@@ -152,6 +116,22 @@ pub async fn relay_until_idle(
         }),
         other => Ok(ended(other.map(|_| ()), &client, &origin)),
     }
+}
+
+/// Both directions of a pair (`ahead`: the client's bytes, then the
+/// origin's), until both have passed their FIN on or one side failed.
+async fn pumps(
+    client: &TcpStream,
+    origin: &TcpStream,
+    ahead: (bytes::Bytes, bytes::Bytes),
+    acct: &Accounting,
+    promo: Option<&Promotion>,
+) -> Result<(Finish, Finish), Side> {
+    let first_fin = AtomicBool::new(false);
+    tokio::try_join!(
+        pump(client, origin, ahead.0, acct, true, &first_fin, promo),
+        pump(origin, client, ahead.1, acct, false, &first_fin, promo)
+    )
 }
 
 /// How a relay that ran to its end closed.
