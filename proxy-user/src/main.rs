@@ -32,6 +32,9 @@ struct Cli {
     /// and idle; 0 at the 101 (overrides `limits.sockmap_promote_after_ms`).
     #[arg(long)]
     sockmap_promote_after_ms: Option<u64>,
+    /// Worker threads (overrides `workers`; default: one per CPU).
+    #[arg(long)]
+    workers: Option<usize>,
     /// Log filter, as RUST_LOG (default: info).
     #[arg(long)]
     log: Option<String>,
@@ -80,6 +83,9 @@ fn main() -> Result<()> {
     }
     if let Some(d) = cli.datapath {
         cfg.datapath = d;
+    }
+    if let Some(w) = cli.workers {
+        cfg.workers = Some(w);
     }
     if let Some(ms) = cli.sockmap_promote_after_ms {
         cfg.limits.sockmap_promote_after_ms = ms;
