@@ -80,6 +80,32 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// (max − min) / median of the finite values: how far apart repetitions
+/// landed. NaN with fewer than two, or a median of zero.
+pub fn spread(v: &[f64]) -> f64 {
+    let f: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if f.len() < 2 {
+        return f64::NAN;
+    }
+    let max = f.iter().copied().fold(f64::MIN, f64::max);
+    let min = f.iter().copied().fold(f64::MAX, f64::min);
+    let m = median(f);
+    if m == 0.0 {
+        f64::NAN
+    } else {
+        (max - min) / m.abs()
+    }
+}
+
+/// A fraction as a whole percentage, or "–".
+fn percent(v: f64) -> String {
+    if v.is_finite() {
+        format!("{:.0}%", v * 100.0)
+    } else {
+        "–".into()
+    }
+}
+
 fn pct(sorted: &[u32], q: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -127,9 +153,11 @@ type Key = (Workload, String, String);
 /// Metric values by name.
 type Metrics = BTreeMap<&'static str, f64>;
 
-/// Medians per key and metric; failures by key.
+/// Medians and ranges per key and metric; failures by key.
 struct Table {
     med: BTreeMap<Key, Metrics>,
+    /// (max − min) / median over the repetitions, where there are two.
+    range: BTreeMap<Key, Metrics>,
     failed: BTreeMap<Key, (usize, String)>,
 }
 
@@ -148,17 +176,27 @@ impl Table {
                 }
             }
         }
-        let med = all
-            .into_iter()
-            .map(|(k, runs)| {
-                let mut m = BTreeMap::new();
-                for name in runs[0].keys() {
-                    m.insert(*name, median(runs.iter().map(|r| r[name]).collect()));
-                }
-                (k, m)
-            })
-            .collect();
-        Table { med, failed }
+        let mut med = BTreeMap::new();
+        let mut range = BTreeMap::new();
+        for (k, runs) in all {
+            let (mut m, mut r) = (BTreeMap::new(), BTreeMap::new());
+            for name in runs[0].keys() {
+                let v: Vec<f64> = runs.iter().map(|r| r[name]).collect();
+                r.insert(*name, spread(&v));
+                m.insert(*name, median(v));
+            }
+            med.insert(k.clone(), m);
+            range.insert(k, r);
+        }
+        Table { med, range, failed }
+    }
+
+    /// The range of `metric` as a fraction of its median (NaN if unknown).
+    fn range(&self, w: Workload, case: &str, target: &str, metric: &str) -> f64 {
+        self.range
+            .get(&(w, case.to_string(), target.to_string()))
+            .and_then(|m| m.get(metric).copied())
+            .unwrap_or(f64::NAN)
     }
 
     fn get(&self, w: Workload, case: &str, target: &str, metric: &str) -> f64 {
@@ -206,7 +244,9 @@ pub fn write(
     let _ = writeln!(
         md,
         "{} mode; medians of {} repetition(s); kernel {}; {} CPUs. CPU is the whole machine's \
-         busy time from /proc/stat (load generator and origin included, the same for every row).\n",
+         busy time from /proc/stat (load generator and origin included, the same for every row). \
+         \"Range\" is (max − min) / median over the repetitions: a ratio between two rows is only \
+         as good as their ranges. Every repetition is in the `.json` file beside this one.\n",
         if opts.quick { "Quick" } else { "Full" },
         plan.reps,
         std::fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -238,7 +278,7 @@ pub fn write(
         );
         let _ = writeln!(
         md,
-        "| target | one way Gbit/s | × direct | × nginx | both ways Gbit/s (sum) | × direct | × nginx | CPU-µs/MiB (one way) | proxy CPU-µs/MiB (one way) |\n|---|---|---|---|---|---|---|---|---|"
+        "| target | one way Gbit/s | × direct | × nginx | both ways Gbit/s (sum) | × direct | × nginx | CPU-µs/MiB (one way) | proxy CPU-µs/MiB (one way) | range (one way, both ways) |\n|---|---|---|---|---|---|---|---|---|---|"
     );
         for tg in targets {
             let (a, ad, an) = rel(Workload::Bulk, "one way", tg, "gbps");
@@ -247,11 +287,13 @@ pub fn write(
             let p = t.get(Workload::Bulk, "one way", tg, "proxy_cpu_per_mib");
             let _ = writeln!(
                 md,
-                "| {tg} | {} | {ad} | {an} | {} | {bd} | {bn} | {} | {} |",
+                "| {tg} | {} | {ad} | {an} | {} | {bd} | {bn} | {} | {} | {}, {} |",
                 num(a),
                 num(b),
                 num(c),
-                num(p)
+                num(p),
+                percent(t.range(Workload::Bulk, "one way", tg, "gbps")),
+                percent(t.range(Workload::Bulk, "both ways", tg, "gbps"))
             );
         }
     }
@@ -262,7 +304,7 @@ pub fn write(
         "\n## W2 echo: closed loop, {} s per case\n\nRound trips in µs; \"+p99\" is the p99 added over direct. \"+CPU-µs/msg\" is the machine's CPU per message over a direct run's: what the proxy costs, softirq and kernel workers included.\n",
         plan.echo_time.as_secs_f64()
     );
-        let _ = writeln!(md, "| case | target | msgs/s | × direct | × nginx | p50 | p99 | p99.9 | +p99 | CPU-µs/msg | +CPU-µs/msg | × nginx's + |\n|---|---|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(md, "| case | target | msgs/s | × direct | × nginx | p50 | p99 | p99.9 | +p99 | CPU-µs/msg | +CPU-µs/msg | × nginx's + | range (msgs/s, p99) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|");
         for case in &echo_cases {
             for tg in targets {
                 let (m, md_, mn) = rel(Workload::Echo, case, tg, "msgs");
@@ -276,14 +318,16 @@ pub fn write(
                 );
                 let _ = writeln!(
                     md,
-                    "| {case} | {tg} | {} | {md_} | {mn} | {} | {} | {} | {} | {} | {} | {cpun} |",
+                    "| {case} | {tg} | {} | {md_} | {mn} | {} | {} | {} | {} | {} | {} | {cpun} | {}, {} |",
                     num(m),
                     num(t.get(Workload::Echo, case, tg, "p50")),
                     num(p99),
                     num(t.get(Workload::Echo, case, tg, "p999")),
                     num(added),
                     num(cpu),
-                    num(cpu - base)
+                    num(cpu - base),
+                    percent(t.range(Workload::Echo, case, tg, "msgs")),
+                    percent(t.range(Workload::Echo, case, tg, "p99"))
                 );
             }
         }
@@ -320,17 +364,18 @@ pub fn write(
             "\n## W4 handshakes: {} concurrent clients (connect, upgrade, one echo, close)\n\n\"CPU\" is the machine's; \"proxy CPU\" is the proxy's own processes' (as in W1).\n",
             plan.hs_par
         );
-        let _ = writeln!(md, "| target | sessions/s | × direct | × nginx | CPU-µs/session | proxy CPU-µs/session | × nginx | failed sessions |\n|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(md, "| target | sessions/s | × direct | × nginx | CPU-µs/session | proxy CPU-µs/session | × nginx | failed sessions | range |\n|---|---|---|---|---|---|---|---|---|");
         for tg in targets {
             let (r, rd, rn) = rel(Workload::Handshake, &hs_case, tg, "rate");
             let (p, _, pn) = rel(Workload::Handshake, &hs_case, tg, "proxy_cpu_per_hs");
             let _ = writeln!(
                 md,
-                "| {tg} | {} | {rd} | {rn} | {} | {} | {pn} | {} |",
+                "| {tg} | {} | {rd} | {rn} | {} | {} | {pn} | {} | {} |",
                 num(r),
                 num(t.get(Workload::Handshake, &hs_case, tg, "cpu_per_hs")),
                 num(p),
-                num(t.get(Workload::Handshake, &hs_case, tg, "errors"))
+                num(t.get(Workload::Handshake, &hs_case, tg, "errors")),
+                percent(t.range(Workload::Handshake, &hs_case, tg, "rate"))
             );
         }
     }
@@ -423,7 +468,50 @@ pub fn write(
     }
     let path = opts.out.join(format!("{stem}.md"));
     std::fs::write(&path, &md).map_err(|e| format!("{}: {e}", path.display()))?;
+    let path = opts.out.join(format!("{stem}.json"));
+    let json = serde_json::to_string_pretty(&raw(plan, records, &date, &host))
+        .map_err(|e| e.to_string())?;
+    std::fs::write(&path, json + "\n").map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(md)
+}
+
+/// Every repetition's metrics (or its error), in the order they ran, for
+/// comparing runs beyond the medians.
+fn raw(plan: &Plan, records: &[Record], date: &str, host: &str) -> serde_json::Value {
+    let mut rep: BTreeMap<Key, usize> = BTreeMap::new();
+    let runs: Vec<serde_json::Value> = records
+        .iter()
+        .map(|r| {
+            let key = (r.workload, r.case.clone(), r.target.clone());
+            let n = rep.entry(key).or_default();
+            *n += 1;
+            let mut o = serde_json::json!({
+                "workload": r.workload.id(),
+                "case": r.case,
+                "target": r.target,
+                "repetition": *n,
+            });
+            match &r.run {
+                Ok(run) => {
+                    // JSON has no NaN: metrics that do not apply are left out.
+                    let m: serde_json::Map<String, serde_json::Value> = metrics(r.workload, run)
+                        .into_iter()
+                        .filter(|(_, v)| v.is_finite())
+                        .map(|(k, v)| (k.to_string(), v.into()))
+                        .collect();
+                    o["metrics"] = m.into();
+                }
+                Err(e) => o["error"] = e.as_str().into(),
+            }
+            o
+        })
+        .collect();
+    serde_json::json!({
+        "date": date,
+        "host": host,
+        "repetitions": plan.reps,
+        "runs": runs,
+    })
 }
 
 /// A chart: file id, title, unit, workload, cases, metric.
@@ -600,6 +688,48 @@ mod tests {
             "**missed** (met in 1 of 2 cases; missed: 1 x 64 B)"
         );
         assert_eq!(p99("nginx"), "met (in all 2 cases)");
+    }
+
+    #[test]
+    fn spread_is_the_range_over_the_median() {
+        assert_eq!(spread(&[90.0, 100.0, 110.0]), 0.2);
+        assert_eq!(spread(&[100.0, f64::NAN, 100.0]), 0.0);
+        assert!(spread(&[100.0]).is_nan());
+        assert!(spread(&[0.0, 0.0]).is_nan());
+        assert_eq!(percent(0.2), "20%");
+        assert_eq!(percent(f64::NAN), "–");
+    }
+
+    #[test]
+    fn the_json_numbers_repetitions_and_leaves_out_what_does_not_apply() {
+        let run = |target: &str, ok: bool| Record {
+            workload: Workload::Handshake,
+            case: "50 clients".into(),
+            target: target.into(),
+            run: if ok {
+                Ok(Run {
+                    secs: 2.0,
+                    count: 10.0,
+                    proxy_cpu_us: f64::NAN,
+                    ..Run::default()
+                })
+            } else {
+                Err("refused".into())
+            },
+        };
+        let records = [
+            run("direct", true),
+            run("direct", true),
+            run("nginx", false),
+        ];
+        let v = raw(&Plan::new(true, Some(2)), &records, "2026-01-01", "h");
+        let runs = v["runs"].as_array().unwrap();
+        assert_eq!(runs[1]["repetition"], 2);
+        assert_eq!(runs[1]["metrics"]["rate"], 5.0);
+        assert!(runs[1]["metrics"].get("proxy_cpu_per_hs").is_none());
+        assert_eq!(runs[2]["repetition"], 1);
+        assert_eq!(runs[2]["error"], "refused");
+        assert_eq!(v["repetitions"], 2);
     }
 
     #[test]
