@@ -68,8 +68,12 @@ pub struct Opts {
 /// The sizes of one run of the matrix.
 #[derive(Debug, Clone)]
 pub struct Plan {
-    /// Repetitions of every measurement (medians are reported).
+    /// Repetitions of the W2 and W3 measurements (medians are reported).
     pub reps: usize,
+    /// Repetitions of W1 and W4: each run is short (a gigabyte takes a
+    /// third of a second direct), so one burst of the host's noise can
+    /// take a whole run; more of them keep the median clear of it.
+    pub reps_short: usize,
     /// W1 bytes per direction.
     pub bulk_bytes: u64,
     /// W2 connection counts.
@@ -94,6 +98,7 @@ impl Plan {
         if quick {
             Plan {
                 reps: reps.unwrap_or(1),
+                reps_short: reps.unwrap_or(1),
                 bulk_bytes: 256 << 20,
                 echo_conns: vec![1, 100, 1000],
                 echo_sizes: vec![64, 1024, 16384],
@@ -106,7 +111,10 @@ impl Plan {
         } else {
             Plan {
                 reps: reps.unwrap_or(3),
-                bulk_bytes: 1 << 30,
+                reps_short: reps.unwrap_or(5),
+                // Twice the least, for the same reason as
+                // `reps_short`.
+                bulk_bytes: 2 << 30,
                 echo_conns: vec![1, 100, 1000],
                 echo_sizes: vec![64, 1024, 16384],
                 echo_time: Duration::from_millis(1500),
@@ -115,6 +123,14 @@ impl Plan {
                 hs_par: 50,
                 hs_time: Duration::from_secs(3),
             }
+        }
+    }
+
+    /// Repetitions of workload `w`.
+    pub fn reps_of(&self, w: Workload) -> usize {
+        match w {
+            Workload::Bulk | Workload::Handshake => self.reps_short,
+            Workload::Echo | Workload::Idle => self.reps,
         }
     }
 }
@@ -217,7 +233,10 @@ pub fn run(opts: &Opts) -> Result<String, String> {
     cases.push((Workload::Handshake, format!("{} clients", plan.hs_par)));
     cases.retain(|(w, _)| opts.workloads.is_empty() || opts.workloads.iter().any(|x| x == w.id()));
 
-    let steps = (cases.len() * plan.reps * running.len()) as u64;
+    let steps = cases
+        .iter()
+        .map(|(w, _)| plan.reps_of(*w) * running.len())
+        .sum::<usize>() as u64;
     let bar = ProgressBar::new(steps);
     bar.set_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} {msg}")
@@ -232,7 +251,7 @@ pub fn run(opts: &Opts) -> Result<String, String> {
     // Cases outside, repetitions next, targets inside: every target meets
     // the same machine weather within a repetition.
     for (w, case) in &cases {
-        for rep in 0..plan.reps {
+        for rep in 0..plan.reps_of(*w) {
             for t in running.iter_mut() {
                 let moved_before = MOVED.map(|(needle, _)| t.log_count(needle));
                 bar.set_message(format!(
@@ -295,7 +314,7 @@ pub fn run(opts: &Opts) -> Result<String, String> {
     for ((key, reason), n) in moved {
         notes.push(format!(
             "{key}: {n} direction(s) moved from the kernel to user space over {} run(s): {}",
-            plan.reps, MOVED[reason].1
+            plan.reps_short, MOVED[reason].1
         ));
     }
     let names: Vec<String> = running.iter().map(|t| t.kind.name()).collect();

@@ -22,7 +22,8 @@ struct Cli {
     /// Only these workloads (comma-separated: w1,w2,w3,w4).
     #[arg(long, value_delimiter = ',')]
     workloads: Vec<String>,
-    /// Repetitions per measurement (default 3, or 1 with --quick).
+    /// Repetitions per measurement (default 5 for W1 and W4 and 3 for W2
+    /// and W3, or 1 with --quick).
     #[arg(long)]
     reps: Option<usize>,
     /// Measure in the host's network namespace, under its TCP settings

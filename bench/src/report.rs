@@ -243,12 +243,13 @@ pub fn write(
     let _ = writeln!(md, "# Sluice benchmark, {date}, {host}\n");
     let _ = writeln!(
         md,
-        "{} mode; medians of {} repetition(s); kernel {}; {} CPUs. CPU is the whole machine's \
+        "{} mode; medians of {} repetition(s) (W1 and W4: {}); kernel {}; {} CPUs. CPU is the whole machine's \
          busy time from /proc/stat (load generator and origin included, the same for every row). \
          \"Range\" is (max − min) / median over the repetitions: a ratio between two rows is only \
          as good as their ranges. Every repetition is in the `.json` file beside this one.\n",
         if opts.quick { "Quick" } else { "Full" },
         plan.reps,
+        plan.reps_short,
         std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .unwrap_or_default()
             .trim(),
@@ -510,6 +511,7 @@ fn raw(plan: &Plan, records: &[Record], date: &str, host: &str) -> serde_json::V
         "date": date,
         "host": host,
         "repetitions": plan.reps,
+        "repetitions_w1_w4": plan.reps_short,
         "runs": runs,
     })
 }
