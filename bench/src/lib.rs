@@ -247,7 +247,8 @@ pub fn run(opts: &Opts) -> Result<String, String> {
     // Directions the sockmap path moved to user space, per case and reason
     // (an index into MOVED): after a move for backpressure, a bulk figure
     // is mostly that user-space relay's.
-    let mut moved: std::collections::BTreeMap<(String, usize), usize> = Default::default();
+    // The value: directions moved, and the runs they were counted over.
+    let mut moved: std::collections::BTreeMap<(String, usize), (usize, usize)> = Default::default();
     // Cases outside, repetitions next, targets inside: every target meets
     // the same machine weather within a repetition.
     for (w, case) in &cases {
@@ -305,16 +306,17 @@ pub fn run(opts: &Opts) -> Result<String, String> {
                         continue;
                     }
                     let key = format!("{} {} {case}", t.kind.name(), w.title());
-                    *moved.entry((key, i)).or_default() += n;
+                    let e = moved.entry((key, i)).or_insert((0, plan.reps_of(*w)));
+                    e.0 += n;
                 }
             }
         }
     }
     bar.finish_and_clear();
-    for ((key, reason), n) in moved {
+    for ((key, reason), (n, runs)) in moved {
         notes.push(format!(
-            "{key}: {n} direction(s) moved from the kernel to user space over {} run(s): {}",
-            plan.reps_short, MOVED[reason].1
+            "{key}: {n} direction(s) moved from the kernel to user space over {runs} run(s): {}",
+            MOVED[reason].1
         ));
     }
     let names: Vec<String> = running.iter().map(|t| t.kind.name()).collect();
