@@ -366,16 +366,11 @@ impl Sockmap {
             Ok(n) => n,
             Err(side) => return Ok(reset_both(&client, &origin, side)),
         };
-        // What user space relayed before the promotion counts too: the
-        // totals below start from it.
-        let (before_c, before_o) = acct.totals();
-        let ahead = [
-            client_ahead.len() as u64 + c_queued,
-            origin_ahead.len() as u64 + o_queued,
-        ];
-        acct.add(true, ahead[0]);
-        acct.add(false, ahead[1]);
-        let ahead = [before_c + ahead[0], before_o + ahead[1]];
+        acct.add(true, client_ahead.len() as u64 + c_queued);
+        acct.add(false, origin_ahead.len() as u64 + o_queued);
+        // Every byte counted so far, what user space relayed before the
+        // promotion included: the kernel's counts add to these.
+        let ahead = <[u64; 2]>::from(acct.totals());
         let give_back = |c: std::net::TcpStream, o: std::net::TcpStream, why: String| match (
             userspace::from_std(c),
             userspace::from_std(o),
