@@ -140,6 +140,22 @@ mod tests {
         POOL.with(|p| p.borrow().len())
     }
 
+    /// One `fill_from` that found bytes (or the end), retried while the
+    /// bytes are still on their way through loopback, for at most 5 s.
+    fn fill(pipe: &mut Pipe, src: &TcpStream) -> usize {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match pipe.fill_from(src.as_raw_fd()) {
+                Ok(n) => return n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    assert!(std::time::Instant::now() < deadline, "no bytes in 5 s");
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
     /// A connected loopback pair.
     fn pair() -> (TcpStream, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -159,13 +175,7 @@ mod tests {
         let mut got = Vec::new();
         let mut moved = 0;
         loop {
-            let n = pipe.fill_from(b.as_raw_fd());
-            let n = match n {
-                Ok(n) => n,
-                // Bytes still on their way through loopback.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => panic!("{e}"),
-            };
+            let n = fill(&mut pipe, &b);
             if n == 0 {
                 break;
             }
@@ -196,14 +206,7 @@ mod tests {
         a.write_all(b"left behind").unwrap();
         let mut p = Pipe::take().unwrap();
         let in_pool = pooled();
-        let n = loop {
-            match p.fill_from(b.as_raw_fd()) {
-                Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => panic!("{e}"),
-            }
-        };
-        assert_eq!(n, 11);
+        assert_eq!(fill(&mut p, &b), 11);
         p.put_back();
         assert_eq!(pooled(), in_pool);
     }
