@@ -214,14 +214,27 @@ async fn read_ready(s: &TcpStream) -> std::io::Result<()> {
     std::future::poll_fn(|cx| s.poll_read_ready(cx)).await
 }
 
-/// One read. A read that did not fill `buf` emptied the receive queue, so
-/// tokio's readiness is cleared at once (as nginx does): otherwise the next
-/// round would spend a `recv` only to learn `EAGAIN`, one per message.
+/// One read into `buf`; see [`read_clearing`].
 fn read_once(r: &TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
+    read_clearing(r, || {
+        let n = socket2::SockRef::from(r).recv(as_uninit(buf))?;
+        Ok((n, n == buf.len()))
+    })
+}
+
+/// Runs `op`, one read from `r` that says how many bytes it took and
+/// whether it filled its room. A read that did not fill its room emptied
+/// the receive queue, so tokio's readiness is cleared at once (as nginx
+/// does): otherwise the next round would spend a syscall only to learn
+/// `EAGAIN`, one per message.
+fn read_clearing(
+    r: &TcpStream,
+    mut op: impl FnMut() -> std::io::Result<(usize, bool)>,
+) -> std::io::Result<usize> {
     let mut got = None;
     let res = r.try_io(tokio::io::Interest::READABLE, || {
-        let n = socket2::SockRef::from(r).recv(as_uninit(buf))?;
-        if n == 0 || n == buf.len() {
+        let (n, full) = op()?;
+        if n == 0 || full {
             return Ok(n);
         }
         got = Some(n);
@@ -369,24 +382,17 @@ async fn splice_step(
     dst: Side,
 ) -> Result<Step, Side> {
     use std::os::fd::AsRawFd;
-    let mut got = None;
-    // A splice that did not fill the pipe emptied the receive queue: clear
-    // tokio's readiness at once, as `read_once` does.
-    let res = r.try_io(tokio::io::Interest::READABLE, || {
+    let res = read_clearing(r, || {
         let n = pipe.fill_from(r.as_raw_fd())?;
-        if n == 0 || pipe.held() == super::pipe::CAPACITY {
-            return Ok(n);
-        }
-        got = Some(n);
-        Err(std::io::ErrorKind::WouldBlock.into())
+        Ok((n, pipe.held() == super::pipe::CAPACITY))
     });
-    let n = match (res, got) {
-        (_, Some(n)) | (Ok(n), None) => n,
-        (Err(e), None) if e.kind() == std::io::ErrorKind::WouldBlock => {
+    let n = match res {
+        Ok(n) => n,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
             pipe.put_back();
             return Ok(Step::Again);
         }
-        (Err(_), None) => return Err(src),
+        Err(_) => return Err(src),
     };
     if n == 0 {
         pipe.put_back();
