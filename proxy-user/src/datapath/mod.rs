@@ -3,7 +3,7 @@
 //! | path | needs | how |
 //! |---|---|---|
 //! | `sockmap` | Linux 5.19+, CAP_BPF + CAP_NET_ADMIN (or root) | eBPF sk_skb verdict redirects socket to socket |
-//! | `uring` | Linux 5.11+ (5.19+ for `COOP_TASKRUN`), io_uring not disabled | each worker's io_uring runtime, read/write per direction |
+//! | `uring` | Linux 5.11+ (5.19+ for `COOP_TASKRUN`, 5.7+ for splices), io_uring not disabled | each worker's io_uring runtime; read/write, or while a direction streams, `IORING_OP_SPLICE` through a pooled pipe in chains an io-wq worker runs |
 //! | `userspace` | anything (`splice`: Linux 2.6.17+) | tokio; a read into the worker's scratch buffer, or `splice` through a pooled pipe while a direction streams |
 //!
 //! `auto` takes `userspace`: in `cargo xtask bench` (bench/results/, runs
@@ -11,7 +11,8 @@
 //! 0.67-0.73x direct, both ways 0.57-0.67x, against 0.54-0.67x and
 //! 0.48-0.55x on uring and 0.63-0.72x and 0.52-0.57x on sockmap) at the
 //! least CPU per MiB (410-430 µs against 420-518), and ran handshakes and
-//! echoes within the noise of the others. It still probes io_uring and
+//! echoes within the noise of the others. (Those uring figures predate its
+//! splices; see [`uring`] for what they changed.) It still probes io_uring and
 //! says in its log line whether it is available. `sockmap` bulk falls
 //! behind and moves to user space within 16 MiB; it costs more per new
 //! session when sessions join the maps at the 101 (449-488 against 324-332
@@ -28,6 +29,7 @@ mod pipe;
 mod shared_map;
 pub mod sockmap;
 pub mod uring;
+mod uring_splice;
 pub mod userspace;
 
 use std::sync::Arc;
@@ -203,7 +205,7 @@ impl DataPaths {
             DataPathChoice::Sockmap => (DataPath::Sockmap, "configured sockmap".to_string()),
             DataPathChoice::Auto => {
                 let uring_state = match uring::probe() {
-                    Ok(()) => "available".to_string(),
+                    Ok(_) => "available".to_string(),
                     Err(e) => format!("unavailable: {e}"),
                 };
                 (

@@ -80,6 +80,12 @@ impl Pipe {
         self.held
     }
 
+    /// The read and write ends, for splices made elsewhere (io_uring). Such a
+    /// caller keeps its own count, and puts back only an empty pipe.
+    pub fn ends(&self) -> (RawFd, RawFd) {
+        (self.fds.read.as_raw_fd(), self.fds.write.as_raw_fd())
+    }
+
     /// Moves up to the pipe's free room from socket `src` into the pipe.
     /// `Ok(0)`: end of stream.
     pub fn fill_from(&mut self, src: RawFd) -> io::Result<usize> {
