@@ -125,3 +125,35 @@ async fn reset_reaches_the_other_side_on_every_path() {
         let _ = s.wait_log("reset by origin", Duration::from_secs(5));
     }
 }
+
+/// A reset while a direction streams (on `uring` and `userspace`, in its
+/// splice rounds) reaches the reader on the other side, after the bytes
+/// relayed before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_mid_stream_reaches_the_other_side_on_every_path() {
+    const BEFORE: usize = 64 << 20;
+    for mode in modes() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let s = Sluice::start(mode, l.local_addr().unwrap());
+        for streamer in ["client", "origin"] {
+            let (c, o) = tokio::join!(raw_client(s.addr, b""), raw_origin(&l, b""));
+            let ((c, _), (o, _, _)) = (c, o);
+            let (mut w, mut victim, who) = if streamer == "client" {
+                (c, o, "origin")
+            } else {
+                (o, c, "client")
+            };
+            let stream = async move {
+                let buf = vec![7u8; 1 << 20];
+                for _ in 0..BEFORE / buf.len() {
+                    w.write_all(&buf).await.unwrap();
+                }
+                w.set_zero_linger().unwrap();
+                drop(w);
+            };
+            let (_, ()) = tokio::join!(expect_reset(&mut victim, who, mode), stream);
+        }
+        let line = s.wait_log("reset by origin", Duration::from_secs(5));
+        assert!(line.contains("reset by origin"), "{mode:?}: {line}");
+    }
+}
