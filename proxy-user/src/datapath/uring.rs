@@ -283,7 +283,7 @@ async fn pump(
         acct.add(to_origin, n as u64);
         // A full read: more is queued, and the direction streams.
         if n == size && !no_pipe {
-            match Pipe::take() {
+            match Pipe::take().filter(|_| uring_splice::available()) {
                 Some(pipe) => {
                     let ep = Rc::new(Episode {
                         src: Rc::clone(src),

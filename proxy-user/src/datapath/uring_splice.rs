@@ -89,6 +89,25 @@ thread_local! {
     static RING: RefCell<Option<Rc<Ring>>> = const { RefCell::new(None) };
 }
 
+/// Whether this worker has a splice ring (setting one up if not yet): a
+/// worker that cannot have one copies instead.
+pub fn available() -> bool {
+    thread_local! {
+        static GAVE_UP: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    if GAVE_UP.with(|g| g.get()) {
+        return false;
+    }
+    match ring() {
+        Ok(_) => true,
+        Err(e) => {
+            GAVE_UP.with(|g| g.set(true));
+            tracing::warn!("io_uring splice ring unavailable on this worker, copying instead: {e}");
+            false
+        }
+    }
+}
+
 /// This worker's ring, set up (with its completion task) on first use.
 /// Must run inside the worker's `LocalSet`.
 fn ring() -> io::Result<Rc<Ring>> {
@@ -127,7 +146,10 @@ async fn complete(fd: AsyncFd<RingFd>) {
 impl Ring {
     /// Takes every completion queued; returns how many.
     fn reap(&self) -> usize {
-        let mut uring = self.uring.borrow_mut();
+        self.reap_from(&mut self.uring.borrow_mut())
+    }
+
+    fn reap_from(&self, uring: &mut IoUring) -> usize {
         let mut slots = self.slots.borrow_mut();
         let mut n = 0;
         for cqe in uring.completion() {
@@ -166,7 +188,7 @@ impl Ring {
             let room = sq.capacity() - sq.len();
             drop(sq);
             if room < entries.len() {
-                uring.submit()?;
+                self.enter(&mut uring)?;
             }
         }
         let mut ops = Vec::with_capacity(entries.len());
@@ -190,8 +212,32 @@ impl Ring {
                 return Err(io::Error::other("io_uring submission queue full"));
             }
         }
-        uring.submit()?;
+        self.enter(&mut uring)?;
         Ok(ops)
+    }
+
+    /// Hands the queued entries to the kernel, retrying what is transient
+    /// (a signal, no memory for requests, completions backed up: those are
+    /// reaped first). Past that, the ring is broken and the caller's pair
+    /// is reset.
+    fn enter(&self, uring: &mut IoUring) -> io::Result<()> {
+        let mut tries = 0;
+        loop {
+            match uring.submit() {
+                Ok(_) => return Ok(()),
+                Err(e)
+                    if tries < 100
+                        && matches!(
+                            e.raw_os_error(),
+                            Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+                        ) =>
+                {
+                    tries += 1;
+                    self.reap_from(uring);
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 }
 
