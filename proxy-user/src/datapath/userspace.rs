@@ -1,8 +1,8 @@
 //! The plain user-space relay: tokio, readiness first, then one large read
 //! into the worker thread's scratch buffer and a write straight from it.
-//! A direction whose read moves at least [`SPLICE_STAY`] is streaming, and
+//! A direction whose read moves at least `SPLICE_STAY` is streaming, and
 //! moves its next bytes with `splice(2)` through a pooled pipe instead
-//! ([`super::pipe`]), until a splice moves less than that.
+//! (`pipe`), until a splice moves less than that.
 //!
 //! An idle connection holds no buffer and no pipe; only bytes the target
 //! would not take at once are copied into the direction's own, short-lived
