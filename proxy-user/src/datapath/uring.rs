@@ -264,7 +264,8 @@ async fn pump(
         acct.add(to_origin, n);
     }
     let mut buf = PooledBuf::take(SMALL, large);
-    // No pipe to be had on this worker (limits): copy through `large`.
+    // No splices here (no IORING_OP_SPLICE, no splice ring on this worker,
+    // or no pipe under the limits): a busy direction copies through `large`.
     let mut no_pipe = !splice;
     loop {
         let mut b = buf.0.take().unwrap_or_default();
@@ -283,7 +284,7 @@ async fn pump(
         acct.add(to_origin, n as u64);
         // A full read: more is queued, and the direction streams.
         if n == size && !no_pipe {
-            match Pipe::take().filter(|_| uring_splice::available()) {
+            match uring_splice::available().then(Pipe::take).flatten() {
                 Some(pipe) => {
                     let ep = Rc::new(Episode {
                         src: Rc::clone(src),

@@ -7,7 +7,10 @@
 //! splice on an io-wq worker thread (its prep sets `REQ_F_FORCE_ASYNC`),
 //! and a splice from a socket with an empty queue would hold that thread
 //! until data comes. So every splice from a socket is linked behind a
-//! `POLL_ADD` for `POLLIN`, which waits without a thread.
+//! `POLL_ADD` for `POLLIN`, which waits without a thread. A direction's
+//! rounds (poll, fill, drain) go in as one chain of hard links, which one
+//! io-wq worker runs in order without coming back to user space; hard,
+//! because a short splice (the usual kind) would cut a plain link.
 //!
 //! A splice names its files by number, and io-wq resolves them when it runs
 //! the request. An operation whose future is dropped while in flight (a
@@ -26,10 +29,10 @@ use std::task::{Context, Poll, Waker};
 use io_uring::{opcode, squeue, types, IoUring};
 use tokio::io::unix::AsyncFd;
 
-/// Entries in each worker's splice ring: two per direction in flight.
+/// Entries in each worker's splice ring. A chain must fit whole (3 per
+/// round); a queue without room for it is submitted first.
 const ENTRIES: u32 = 256;
-/// `user_data` of a request whose completion nobody waits for (the poll in
-/// front of a splice: the splice reports for both).
+/// `user_data` of a request whose completion nobody waits for (a cancel).
 const UNWATCHED: u64 = u64::MAX;
 
 /// What keeps an operation's fds open while the kernel may still use them.
