@@ -220,9 +220,10 @@ async fn run(job: Job) -> CloseReason {
     let reason = match result {
         Ok(_) => CloseReason::Done,
         Err(side) => {
-            // A read still in flight on the other socket holds a reference
-            // to it, so close alone would not reset it. SHUT_RD ends that
-            // read; the last reference then closes with SO_LINGER 0 (RST).
+            // A read, or a splice chain's poll, still in flight on the other
+            // socket holds a reference to it, so close alone would not reset
+            // it. SHUT_RD ends that wait; the last reference then closes with
+            // SO_LINGER 0 (RST).
             for s in [&*client, &*origin] {
                 sockopt::set_reset_on_close(fd_of(s));
                 let _ = socket2::SockRef::from(&fd_of(s)).shutdown(std::net::Shutdown::Read);

@@ -9,8 +9,9 @@
 //! until data comes. So every splice from a socket is linked behind a
 //! `POLL_ADD` for `POLLIN`, which waits without a thread. A direction's
 //! rounds (poll, fill, drain) go in as one chain of hard links, which one
-//! io-wq worker runs in order without coming back to user space; hard,
-//! because a short splice (the usual kind) would cut a plain link.
+//! io-wq worker runs in order without coming back to user space; the
+//! splices are hard-linked, because a short splice (the usual kind) would
+//! cut a plain link.
 //!
 //! A splice names its files by number, and io-wq resolves them when it runs
 //! the request. An operation whose future is dropped while in flight (a
@@ -183,40 +184,54 @@ impl Ring {
         entries: &[(squeue::Entry, bool)],
         keep: &KeepAlive,
     ) -> io::Result<Vec<Op>> {
+        let mut ops = Vec::with_capacity(entries.len());
+        let queued = self.queue(entries, keep, &mut ops);
+        // On an error the ops go only now, once the ring is no longer
+        // borrowed: dropping one queues its cancel.
+        queued.map(|()| ops)
+    }
+
+    /// [`Ring::submit`]'s work, with the ring borrowed.
+    fn queue(
+        self: &Rc<Self>,
+        entries: &[(squeue::Entry, bool)],
+        keep: &KeepAlive,
+        ops: &mut Vec<Op>,
+    ) -> io::Result<()> {
         let mut uring = self.uring.borrow_mut();
         // A link chain must not be split between two submissions (the
         // kernel would end it at the first): make room for all of it.
-        {
+        let (room, capacity) = {
             let sq = uring.submission();
-            let room = sq.capacity() - sq.len();
-            drop(sq);
-            if room < entries.len() {
-                self.enter(&mut uring)?;
-            }
+            (sq.capacity() - sq.len(), sq.capacity())
+        };
+        if entries.len() > capacity {
+            return Err(io::Error::other("io_uring chain longer than the queue"));
         }
-        let mut ops = Vec::with_capacity(entries.len());
+        if room < entries.len() {
+            self.enter(&mut uring)?;
+        }
         for (e, watched) in entries {
-            let data = if *watched {
-                let slot = self.slots.borrow_mut().take(Rc::clone(keep));
-                ops.push(Op {
-                    ring: Rc::clone(self),
-                    slot: Some(slot),
-                });
-                slot as u64
-            } else {
-                UNWATCHED
-            };
-            let e = e.clone().user_data(data);
+            let slot = watched.then(|| self.slots.borrow_mut().take(Rc::clone(keep)));
+            let e = e.clone().user_data(slot.map_or(UNWATCHED, |i| i as u64));
             // SAFETY: the entry names only fds, which `keep` holds open
             // until the completion; it points at no memory of ours.
             if unsafe { uring.submission().push(&e) }.is_err() {
-                // Cannot happen after the room check; the ops already
-                // taken are dropped as orphans and freed at completion.
+                // Not after the room check. Nothing will complete this slot.
+                if let Some(i) = slot {
+                    self.slots.borrow_mut().release(i);
+                }
                 return Err(io::Error::other("io_uring submission queue full"));
             }
+            if let Some(i) = slot {
+                ops.push(Op {
+                    ring: Rc::clone(self),
+                    slot: Some(i),
+                });
+            }
         }
-        self.enter(&mut uring)?;
-        Ok(ops)
+        // If this fails, what was queued goes in with the next submission.
+        self.enter(&mut uring)
     }
 
     /// Hands the queued entries to the kernel, retrying what is transient
@@ -333,8 +348,10 @@ pub fn rounds(
     let mut chain = Vec::with_capacity(3 * rounds);
     for r in 0..rounds {
         let poll = opcode::PollAdd::new(types::Fd(src), libc::POLLIN as u32).build();
-        // Hard links: a short fill or drain (any that does not fill the
-        // pipe) must not cut the chain.
+        // Hard links after a fill or drain: a short one (any that does not
+        // fill the pipe) must not cut the chain. A plain link after the
+        // poll, which completes with a mask unless it is cancelled: then
+        // (a dropped chain) the rest of the chain is cancelled with it.
         let fill = opcode::Splice::new(types::Fd(src), -1, types::Fd(pipe_w), -1, len)
             .flags(FLAGS)
             .build();
@@ -342,7 +359,7 @@ pub fn rounds(
             .flags(FLAGS)
             .build();
         let last = r + 1 == rounds;
-        chain.push((poll.flags(squeue::Flags::IO_HARDLINK), true));
+        chain.push((poll.flags(squeue::Flags::IO_LINK), true));
         chain.push((fill.flags(squeue::Flags::IO_HARDLINK), true));
         chain.push((
             if last {
