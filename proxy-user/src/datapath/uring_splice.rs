@@ -387,9 +387,10 @@ pub fn drain(pipe_r: RawFd, dst: RawFd, len: u32, keep: &KeepAlive) -> io::Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::datapath::pipe::tests::pair;
     use crate::datapath::pipe::Pipe;
     use std::io::{Read, Write};
-    use std::net::{TcpListener, TcpStream};
+    use std::net::TcpStream;
     use std::time::Duration;
 
     /// Whether the splice ring can run here; as root (CI) it must.
@@ -409,12 +410,17 @@ mod tests {
         }
     }
 
-    /// A connected loopback pair (blocking, as io_uring wants).
-    fn pair() -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (b, _) = l.accept().unwrap();
-        (a, b)
+    /// A chain of `n` rounds from `src` through `pipe` to `dst`.
+    fn chain(src: &TcpStream, pipe: &Pipe, dst: &TcpStream, n: usize, keep: &KeepAlive) -> Vec<Op> {
+        rounds(
+            src.as_raw_fd(),
+            pipe.ends(),
+            dst.as_raw_fd(),
+            1 << 20,
+            n,
+            keep,
+        )
+        .unwrap()
     }
 
     #[test]
@@ -433,15 +439,7 @@ mod tests {
             let mut moved = 0;
             let mut rounds_run = 0;
             loop {
-                let ops = rounds(
-                    src.as_raw_fd(),
-                    pipe.ends(),
-                    dst.as_raw_fd(),
-                    1 << 20,
-                    2,
-                    &keep,
-                )
-                .unwrap();
+                let ops = chain(&src, &pipe, &dst, 2, &keep);
                 assert_eq!(ops.len(), 6);
                 let mut eof = false;
                 for (k, op) in ops.into_iter().enumerate() {
@@ -493,15 +491,7 @@ mod tests {
             let pipe = Pipe::take().expect("a pipe");
             let dropped = Rc::new(std::cell::Cell::new(false));
             let keep: KeepAlive = Rc::new(Flag(Rc::clone(&dropped)));
-            let ops = rounds(
-                src.as_raw_fd(),
-                pipe.ends(),
-                dst.as_raw_fd(),
-                1 << 20,
-                3,
-                &keep,
-            )
-            .unwrap();
+            let ops = chain(&src, &pipe, &dst, 3, &keep);
             drop(keep);
             assert!(!dropped.get());
             drop(ops);
