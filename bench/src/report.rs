@@ -394,6 +394,17 @@ pub fn write(
         let _ = writeln!(md, "| {check} | {goal} | {} |", cells.join(" | "));
     }
 
+    let noisy = noisy_baselines(&t, &hs_case);
+    if !noisy.is_empty() {
+        let _ = writeln!(
+            md,
+            "\nBaselines that ranged over more than {} of their median in this run, so the \
+             checks against them carry that noise (read them again in a quieter hour): {}.",
+            percent(NOISY),
+            noisy.join("; ")
+        );
+    }
+
     if !t.failed.is_empty() || !notes.is_empty() {
         let _ = writeln!(md, "\n## Failures and notes\n");
         for ((w, case, tg), (n, e)) in &t.failed {
@@ -522,6 +533,29 @@ type ChartSpec<'a> = (&'a str, &'a str, &'a str, Workload, &'a [String], &'a str
 type Check<'a> = (String, &'static str, Box<dyn Fn(&str) -> String + 'a>);
 
 /// The issue's targets, each as a function of the Sluice row.
+/// A baseline whose repetitions range over more than this fraction of
+/// their median makes the checks against it unreliable.
+const NOISY: f64 = 0.3;
+
+/// The baselines of the checks (direct for W1, nginx for W2 at 1,000 × 64 B
+/// and for W4) whose range in this run is over [`NOISY`], each as
+/// "<workload> <case>, <target>: <range>".
+fn noisy_baselines(t: &Table, hs: &str) -> Vec<String> {
+    let e64 = echo_case(1000, 64);
+    [
+        (Workload::Bulk, "one way", "direct", "gbps"),
+        (Workload::Bulk, "both ways", "direct", "gbps"),
+        (Workload::Echo, e64.as_str(), "nginx", "msgs"),
+        (Workload::Handshake, hs, "nginx", "rate"),
+    ]
+    .into_iter()
+    .filter_map(|(w, case, tg, m)| {
+        let r = t.range(w, case, tg, m);
+        (r > NOISY).then(|| format!("{} {case}, {tg}: {}", w.title(), percent(r)))
+    })
+    .collect()
+}
+
 fn checks<'a>(
     t: &'a Table,
     idle: &'a str,
@@ -690,6 +724,32 @@ mod tests {
             "**missed** (met in 1 of 2 cases; missed: 1 x 64 B)"
         );
         assert_eq!(p99("nginx"), "met (in all 2 cases)");
+    }
+
+    #[test]
+    fn a_noisy_baseline_is_named_and_a_steady_one_is_not() {
+        let bulk = |tg: &str, case: &str, gbps: f64| Record {
+            workload: Workload::Bulk,
+            case: case.into(),
+            target: tg.into(),
+            run: Ok(Run {
+                secs: 1.0,
+                count: gbps * 1e9 / 8.0,
+                ..Run::default()
+            }),
+        };
+        let mut records = Vec::new();
+        for g in [18.7, 43.1, 40.8, 25.4, 26.2] {
+            records.push(bulk("direct", "one way", g));
+        }
+        for g in [40.0, 42.0, 44.0] {
+            records.push(bulk("direct", "both ways", g));
+        }
+        let t = Table::new(&records);
+        assert_eq!(
+            noisy_baselines(&t, "50 clients"),
+            ["W1 bulk one way, direct: 93%"]
+        );
     }
 
     #[test]
