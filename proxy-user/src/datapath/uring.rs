@@ -326,14 +326,14 @@ struct Episode {
 enum Streamed {
     /// The source sent FIN.
     Eof,
-    /// A splice moved less than [`SPLICE_STAY`]: back to reads.
+    /// A chain's last fill moved less than [`SPLICE_STAY`]: back to reads.
     Slowed,
 }
 
 /// Splices one direction, socket to pipe to socket through io-wq, while
-/// each chain's last fill moves at least [`SPLICE_STAY`]; the pipe goes back to the
-/// worker's pool after. Every byte taken from the source has reached the
-/// destination's send queue when this returns `Ok`.
+/// each chain's last fill moves at least [`SPLICE_STAY`]; the pipe goes
+/// back to the worker's pool after. Every byte taken from the source has
+/// reached the destination's send queue when this returns `Ok`.
 async fn stream(
     ep: Rc<Episode>,
     acct: &Accounting,
