@@ -5,6 +5,7 @@
 //! ([`datapath`]) carries the bytes: an eBPF sockmap program, an io_uring
 //! relay, or a plain user-space relay.
 
+pub mod accesslog;
 pub mod accounting;
 pub mod config;
 pub mod datapath;

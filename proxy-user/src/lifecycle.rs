@@ -25,6 +25,7 @@ use http::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
+use crate::accesslog;
 use crate::accounting::Accounting;
 use crate::config::Config;
 use crate::datapath::{DataPaths, Pair};
@@ -184,7 +185,7 @@ pub async fn serve_client(mut client: TcpStream, peer: SocketAddr, ctx: Arc<List
             framing,
         } => {
             // Not upgraded: relay the origin's answer, then close.
-            tracing::info!(target: "access", %peer, path, status = code, "origin refused the upgrade");
+            accesslog::not_upgraded(peer, &path, code);
             let wait = t.origin_response();
             if let Err(why) = relay_answer(
                 &mut origin,
@@ -210,15 +211,7 @@ pub async fn serve_client(mut client: TcpStream, peer: SocketAddr, ctx: Arc<List
         tracing::debug!(%peer, "client went away before the hand-off");
         return;
     }
-    tracing::info!(
-        target: "access",
-        %peer,
-        path,
-        origin = %origin_addr,
-        protocol = protocol.as_deref().unwrap_or(""),
-        status = 101,
-        "upgraded"
-    );
+    accesslog::upgraded(peer, &path, origin_addr, protocol.as_deref().unwrap_or(""));
     let pair = Pair {
         client,
         client_ahead,
@@ -416,17 +409,7 @@ async fn relay_answer(
 
 /// Logs a refusal, answers it, and closes.
 async fn refuse(mut client: TcpStream, peer: SocketAddr, path: &str, e: ProxyError) {
-    tracing::info!(
-        target: "access",
-        %peer,
-        path,
-        status = e.status.as_u16(),
-        source = %e.source_side,
-        phase = e.phase,
-        retry_safe = e.retry_safe,
-        "refused: {}",
-        e.reason
-    );
+    accesslog::refused(peer, path, &e);
     let answer = handshake::error_response(e.status, &e.reason);
     if tokio::time::timeout(LINGER, client.write_all(&answer))
         .await
@@ -459,16 +442,15 @@ async fn hand_off(pair: Pair, peer: SocketAddr, path: String, paths: Arc<DataPat
     let acct = Arc::new(Accounting::default());
     let (path_used, reason) = paths.relay(pair, acct.clone()).await;
     let (c2o, o2c) = acct.totals();
-    tracing::info!(
-        target: "access",
-        %peer,
-        path,
-        datapath = %path_used,
-        bytes_in = c2o,
-        bytes_out = o2c,
-        duration_ms = started.elapsed().as_millis() as u64,
-        "closed: {reason}"
-    );
+    accesslog::closed(&accesslog::Closed {
+        peer,
+        path: &path,
+        datapath: &path_used,
+        bytes_in: c2o,
+        bytes_out: o2c,
+        duration_ms: started.elapsed().as_millis() as u64,
+        reason: &reason,
+    });
 }
 
 async fn connect(addr: SocketAddr, ctx: &ListenerCtx) -> std::io::Result<TcpStream> {

@@ -135,21 +135,28 @@ pub struct LineWriter<'a> {
     w: &'a BatchWriter,
 }
 
-impl Write for LineWriter<'_> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+impl BatchWriter {
+    /// Appends whole lines (each ending in `\n`) to the pending batch.
+    pub fn append(&self, lines: &[u8]) {
         let (first, full) = {
-            let mut p = lock(&self.w.shared.pending);
+            let mut p = lock(&self.shared.pending);
             let first = p.is_empty();
-            p.extend_from_slice(buf);
+            p.extend_from_slice(lines);
             (first, p.len() > MAX_PENDING)
         };
         if full {
             // The thread is behind (stderr blocks): wait for the output.
-            self.w.shared.write_batch(&mut Vec::new());
+            self.shared.write_batch(&mut Vec::new());
         } else if first {
             // Cheap when the thread is not parked (no syscall).
-            self.w.thread.unpark();
+            self.thread.unpark();
         }
+    }
+}
+
+impl Write for LineWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.w.append(buf);
         Ok(buf.len())
     }
 

@@ -66,9 +66,11 @@ fn main() -> Result<()> {
         sluice::logwriter::start(Box::new(std::io::stderr())).context("starting the log writer")?;
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(writer)
+        .with_writer(writer.clone())
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // Access lines skip `tracing`'s formatter (see `accesslog`).
+    sluice::accesslog::install(writer);
 
     let mut cfg = match &cli.config {
         Some(path) => Config::from_file(path)?,
