@@ -4,11 +4,11 @@
 //! Formatted by hand in the layout of the daemon's other log lines
 //! (`tracing_subscriber::fmt`'s default: `<RFC 3339 time>  INFO access:
 //! <message> key=value ...`), in a buffer per thread, with the date and
-//! time of day formatted once a second, and appended to the daemon's batch
-//! writer. Through `tracing`'s formatter the two lines of a session cost
-//! W4 a tenth of its handshakes per second (see the README). Lines are
-//! written when the log filter (`--log`, `RUST_LOG`) enables target
-//! `access` at level INFO, as before.
+//! time of day formatted once a second (by `humantime`), and appended to
+//! the daemon's batch writer. Through `tracing`'s formatter the two lines
+//! of a session cost W4 a tenth of its handshakes per second (see the
+//! README). Lines are written when the log filter (`--log`, `RUST_LOG`)
+//! enables target `access` at level INFO, as before.
 
 use std::cell::{Cell, RefCell};
 use std::fmt::Display;
@@ -146,7 +146,7 @@ fn timestamp(buf: &mut Vec<u8>, t: SystemTime) {
     let text = if cached == secs {
         text
     } else {
-        let text = civil(secs);
+        let text = civil(t);
         SECOND.set((secs, text));
         text
     };
@@ -154,29 +154,13 @@ fn timestamp(buf: &mut Vec<u8>, t: SystemTime) {
     let _ = write!(buf, ".{:06}Z", d.subsec_micros());
 }
 
-/// `YYYY-MM-DDTHH:MM:SS` of `secs` since the epoch (UTC), by Howard
-/// Hinnant's `civil_from_days`.
-fn civil(secs: u64) -> [u8; 19] {
-    let days = secs / 86_400;
-    let rem = secs % 86_400;
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
+/// `YYYY-MM-DDTHH:MM:SS` of `t` (UTC).
+fn civil(t: SystemTime) -> [u8; 19] {
+    // humantime writes `YYYY-MM-DDTHH:MM:SSZ`.
+    let mut full = [0u8; 20];
+    let _ = write!(&mut full[..], "{}", humantime::format_rfc3339_seconds(t));
     let mut out = [0u8; 19];
-    let mut w = &mut out[..];
-    let _ = write!(
-        w,
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    );
+    out.copy_from_slice(&full[..19]);
     out
 }
 
@@ -195,7 +179,8 @@ mod tests {
             (1_795_306_370, "2026-11-22T00:12:50"),
             (4_102_444_799, "2099-12-31T23:59:59"),
         ] {
-            assert_eq!(std::str::from_utf8(&civil(secs)).unwrap(), want);
+            let t = UNIX_EPOCH + Duration::from_secs(secs);
+            assert_eq!(std::str::from_utf8(&civil(t)).unwrap(), want);
         }
     }
 
