@@ -254,6 +254,17 @@ pub fn run(opts: &Opts) -> Result<String, String> {
     for (w, case) in &cases {
         for rep in 0..plan.reps_of(*w) {
             for t in running.iter_mut() {
+                // W3 measures what connections add to a fresh process: in one
+                // that ran W1 and W2, freed and pooled memory hides the cost.
+                if *w == Workload::Idle {
+                    if let Err(e) = t.restart(origin.addr, &opts.sluice) {
+                        notes.push(format!(
+                            "{}: cannot restart for {}: {e}",
+                            t.kind.name(),
+                            w.title()
+                        ));
+                    }
+                }
                 let moved_before = MOVED.map(|(needle, _)| t.log_count(needle));
                 bar.set_message(format!(
                     "{} {case} {} #{}",

@@ -309,8 +309,19 @@ impl Target {
     }
 }
 
-impl Drop for Target {
-    fn drop(&mut self) {
+impl Target {
+    /// Stops the target and starts it afresh (same kind, a new port), so a
+    /// measurement of what connections cost is not flattered by memory that
+    /// earlier workloads left free or pooled in the process.
+    pub fn restart(&mut self, origin: SocketAddr, sluice: &Path) -> Result<(), String> {
+        self.stop();
+        // The old value, already stopped, drops here with nothing left to do.
+        *self = Target::start(self.kind, origin, sluice)?;
+        Ok(())
+    }
+
+    /// Stops the process tree and removes the working directory.
+    fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let pids = crate::sys::tree(c.id());
             // SIGTERM the whole tree (nginx and HAProxy stop their workers
@@ -334,6 +345,12 @@ impl Drop for Target {
         if let Some(d) = self.dir.take() {
             let _ = std::fs::remove_dir_all(d);
         }
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
