@@ -33,6 +33,9 @@ use tokio::io::unix::AsyncFd;
 /// Entries in each worker's splice ring. A chain must fit whole (3 per
 /// round); a queue without room for it is submitted first.
 const ENTRIES: u32 = 256;
+/// Entries in its completion queue (more complete in a burst; they wait in
+/// the kernel's overflow list, see `Ring::reap_from`).
+const CQ_ENTRIES: u32 = 4096;
 /// `user_data` of a request whose completion nobody waits for (a cancel).
 const UNWATCHED: u64 = u64::MAX;
 
@@ -118,7 +121,12 @@ fn ring() -> io::Result<Rc<Ring>> {
     if let Some(r) = RING.with(|r| r.borrow().clone()) {
         return Ok(r);
     }
-    let uring = IoUring::new(ENTRIES)?;
+    // Room for a burst of completions: every idle direction has a poll in
+    // flight here. `IORING_SETUP_CQSIZE`: Linux 5.5+.
+    let uring = IoUring::builder()
+        .setup_cqsize(CQ_ENTRIES)
+        .build(ENTRIES)
+        .or_else(|_| IoUring::new(ENTRIES))?;
     let ring = Rc::new(Ring {
         fd: uring.as_raw_fd(),
         uring: RefCell::new(uring),
@@ -154,6 +162,22 @@ impl Ring {
     }
 
     fn reap_from(&self, uring: &mut IoUring) -> usize {
+        let mut n = 0;
+        loop {
+            n += self.take_completions(uring);
+            // Completions that found the queue full wait in the kernel's
+            // overflow list (Linux 5.5+) until an enter with GETEVENTS moves
+            // them in, which `submit` does when the ring flags an overflow.
+            // Without this, a burst (thousands of idle directions' polls
+            // ending at once) leaves sockets in CLOSE-WAIT until the next
+            // submission, which may never come.
+            if !uring.submission().cq_overflow() || uring.submit().is_err() {
+                return n;
+            }
+        }
+    }
+
+    fn take_completions(&self, uring: &mut IoUring) -> usize {
         let mut slots = self.slots.borrow_mut();
         let mut n = 0;
         for cqe in uring.completion() {
@@ -373,6 +397,18 @@ pub fn rounds(
     ring()?.submit(&chain, keep)
 }
 
+/// Waits until `src` is readable (data, FIN or an error) without holding a
+/// buffer or a thread: an idle direction of the relay waits here, and the
+/// worker's pooled buffers serve only directions with bytes to move.
+/// `IORING_OP_POLL_ADD`: Linux 5.1+.
+pub fn readable(src: RawFd, keep: &KeepAlive) -> io::Result<Op> {
+    let poll = opcode::PollAdd::new(types::Fd(src), libc::POLLIN as u32).build();
+    ring()?
+        .submit(&[(poll, true)], keep)?
+        .pop()
+        .ok_or_else(|| io::Error::other("io_uring poll without its result"))
+}
+
 /// Splices up to `len` bytes from the pipe's read end `pipe_r` into `dst`.
 pub fn drain(pipe_r: RawFd, dst: RawFd, len: u32, keep: &KeepAlive) -> io::Result<Op> {
     let splice = opcode::Splice::new(types::Fd(pipe_r), -1, types::Fd(dst), -1, len)
@@ -468,6 +504,33 @@ mod tests {
             let r = ring().unwrap();
             let slots = r.slots.borrow();
             assert_eq!(slots.free.len(), slots.all.len());
+        });
+    }
+
+    #[test]
+    fn completions_past_the_queue_are_fetched_from_the_overflow_list() {
+        if !available() {
+            return;
+        }
+        tokio_uring::start(async {
+            // A readable socket: every poll on it completes at submission,
+            // so more than the completion queue holds arrive before any is
+            // reaped, and the rest wait in the kernel's overflow list.
+            let (mut writer, src) = pair();
+            writer.write_all(b"x").unwrap();
+            let keep: KeepAlive = Rc::new(());
+            let n = CQ_ENTRIES as usize + 500;
+            let ops: Vec<Op> = (0..n)
+                .map(|_| readable(src.as_raw_fd(), &keep).unwrap())
+                .collect();
+            let all = futures_util::future::join_all(ops);
+            let done = tokio::time::timeout(Duration::from_secs(5), all)
+                .await
+                .expect("completions stuck in the overflow list");
+            assert_eq!(done.len(), n);
+            for r in done {
+                assert!(r.unwrap() & libc::POLLIN as usize != 0, "poll gives POLLIN");
+            }
         });
     }
 
