@@ -403,10 +403,7 @@ pub fn rounds(
 /// `IORING_OP_POLL_ADD`: Linux 5.1+.
 pub fn readable(src: RawFd, keep: &KeepAlive) -> io::Result<Op> {
     let poll = opcode::PollAdd::new(types::Fd(src), libc::POLLIN as u32).build();
-    ring()?
-        .submit(&[(poll, true)], keep)?
-        .pop()
-        .ok_or_else(|| io::Error::other("io_uring poll without its result"))
+    one(poll, keep)
 }
 
 /// Splices up to `len` bytes from the pipe's read end `pipe_r` into `dst`.
@@ -414,10 +411,15 @@ pub fn drain(pipe_r: RawFd, dst: RawFd, len: u32, keep: &KeepAlive) -> io::Resul
     let splice = opcode::Splice::new(types::Fd(pipe_r), -1, types::Fd(dst), -1, len)
         .flags(FLAGS)
         .build();
+    one(splice, keep)
+}
+
+/// Submits one operation on this worker's ring.
+fn one(entry: squeue::Entry, keep: &KeepAlive) -> io::Result<Op> {
     ring()?
-        .submit(&[(splice, true)], keep)?
+        .submit(&[(entry, true)], keep)?
         .pop()
-        .ok_or_else(|| io::Error::other("io_uring splice without its result"))
+        .ok_or_else(|| io::Error::other("io_uring operation without its result"))
 }
 
 #[cfg(test)]
