@@ -225,7 +225,7 @@ async fn accept_loop(tl: TcpListener, ctx: Arc<ListenerCtx>, local: bool) {
     loop {
         match tl.accept().await {
             Ok((stream, peer)) => {
-                let conn = lifecycle::serve_client(stream, peer, ctx.clone());
+                let conn = lifecycle::serve_client(stream, peer, ctx.clone(), local);
                 if local {
                     tokio::task::spawn_local(conn);
                 } else {
