@@ -40,6 +40,7 @@ pub enum ServerError {
 /// data paths' monitors.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
     let cfg = Arc::new(cfg);
+    let fds = raise_fd_limit();
     let paths =
         Arc::new(DataPaths::start(cfg.datapath, &cfg.limits).map_err(ServerError::DataPath)?);
     let workers = cfg
@@ -87,7 +88,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     }
     for (tl, ctx) in &per_worker[0] {
         tracing::info!(
-            "sluice ready: listening on {} -> origin {}, datapath {} ({}), {workers} worker(s)",
+            "sluice ready: listening on {} -> origin {}, datapath {} ({}), {workers} worker(s), \
+             {fds} fds (two per session)",
             tl.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             ctx.origin,
             paths.primary,
@@ -114,6 +116,38 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         let _ = t.join();
     }
     Ok(())
+}
+
+/// Raises the soft limit on open files to the hard limit, and returns the
+/// limit in force. Each session holds two fds, and the usual soft limit
+/// (1,024) would cap the host at about 500 sessions, refused with EMFILE at
+/// accept; HAProxy raises its own limit to fit `maxconn` in the same way,
+/// and nginx has `worker_rlimit_nofile`. The hard limit is the operator's
+/// (`LimitNOFILE=` in a systemd unit, `ulimit -Hn`).
+fn raise_fd_limit() -> u64 {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `r` is a valid rlimit for getrlimit and setrlimit to use.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return 0;
+        }
+        if r.rlim_cur < r.rlim_max {
+            let old = r.rlim_cur;
+            r.rlim_cur = r.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+                tracing::warn!(
+                    "cannot raise the open-file limit from {old} to {}: {}",
+                    r.rlim_max,
+                    std::io::Error::last_os_error()
+                );
+                r.rlim_cur = old;
+            }
+        }
+    }
+    r.rlim_cur
 }
 
 fn bind(addr: SocketAddr, bound: u64, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
