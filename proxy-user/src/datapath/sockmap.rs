@@ -77,6 +77,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Notify;
 
+use super::pipe::Pipe;
 use super::{userspace, CloseReason, Fallback, Pair, Side};
 use crate::accounting::Accounting;
 use crate::sockopt;
@@ -532,7 +533,7 @@ impl Sockmap {
                 };
                 let wake = sb & EV_IN != 0 || bits[d.dst] & EV_OUT != 0;
                 let step = step.and_then(|()| {
-                    if !d.active || d.fin_seen || wake || !d.pending.is_empty() {
+                    if !d.active || d.fin_seen || wake || d.holds_bytes() {
                         d.pump(self, fds)
                     } else {
                         Ok(())
@@ -670,6 +671,17 @@ struct Dir {
     active: bool,
     buf: Vec<u8>,
     pending: std::ops::Range<usize>,
+    /// A streaming direction moved to user space splices its bytes
+    /// socket -> pipe -> socket, as the user-space path's busy directions
+    /// do; the pipe goes back to the worker's pool when the source runs dry.
+    pipe: Option<Pipe>,
+    /// No pipe to be had (limits): this direction copies through `buf`.
+    no_pipe: bool,
+    /// Moved to user space, and its bytes stream (a backpressure move, or
+    /// a read of at least [`userspace::SPLICE_STAY`] since): it splices
+    /// from then on. One moved at a half-close with a few bytes left
+    /// copies, and takes no pipe.
+    streaming: bool,
     /// Waiting on the kernel (redirect queue draining, target full) with no
     /// event to say when it is done: look again after [`POLL`].
     waiting: bool,
@@ -700,6 +712,9 @@ impl Dir {
             active: false,
             buf: Vec::new(),
             pending: 0..0,
+            pipe: None,
+            no_pipe: false,
+            streaming: false,
             waiting: false,
             more: false,
             fin_seen: false,
@@ -717,7 +732,12 @@ impl Dir {
 
     /// Needs another look soon without an event to prompt it.
     fn busy(&self) -> bool {
-        !self.pending.is_empty() || self.waiting || (self.fin_seen && !self.done)
+        self.holds_bytes() || self.waiting || (self.fin_seen && !self.done)
+    }
+
+    /// Bytes read from the source and not yet written to `dst`.
+    fn holds_bytes(&self) -> bool {
+        !self.pending.is_empty() || self.pipe.as_ref().is_some_and(|p| p.held() > 0)
     }
 
     /// Everything written into `dst` for this direction.
@@ -745,6 +765,7 @@ impl Dir {
             );
             self.demote(sm, fds, &why);
             if !self.active {
+                self.streaming = true;
                 return Ok(());
             }
         }
@@ -825,6 +846,18 @@ impl Dir {
         self.more = false;
         let stop_at = self.user_written + PUMP_BUDGET;
         loop {
+            if let Some(p) = self.pipe.as_mut() {
+                while p.held() > 0 {
+                    match p.drain_to(dst.as_raw_fd()) {
+                        Ok(n) => self.user_written += n as u64,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                        Err(e) => {
+                            tracing::debug!("splice to {} failed: {e}", side_name(self.dst));
+                            return Err(side_of(self.dst));
+                        }
+                    }
+                }
+            }
             while !self.pending.is_empty() {
                 match send(dst, &self.buf[self.pending.clone()]) {
                     Ok(n) => {
@@ -851,6 +884,9 @@ impl Dir {
                 // of the kernel if it is still there.
                 self.fin_due = true;
                 self.buf = Vec::new();
+                if let Some(p) = self.pipe.take() {
+                    p.put_back();
+                }
                 return Ok(());
             }
             if self.active && !self.fin_seen {
@@ -864,6 +900,33 @@ impl Dir {
                 self.more = true;
                 return Ok(());
             }
+            if !self.active && self.streaming && !self.no_pipe {
+                // Moved to user space and streaming: the bytes go through a
+                // pipe, by reference, as on the user-space path.
+                match self.pipe.take().or_else(Pipe::take) {
+                    None => self.no_pipe = true,
+                    Some(mut p) => {
+                        match p.fill_from(src.as_raw_fd()) {
+                            Ok(0) => {
+                                p.put_back();
+                                self.eof = true;
+                            }
+                            Ok(_) => self.pipe = Some(p),
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                                // Idle: the empty pipe goes back to the pool.
+                                p.put_back();
+                                self.waiting = self.fin_seen;
+                                return Ok(());
+                            }
+                            Err(e) => {
+                                tracing::debug!("splice from {} failed: {e}", side_name(self.src));
+                                return Err(side_of(self.src));
+                            }
+                        }
+                        continue;
+                    }
+                }
+            }
             if self.buf.capacity() == 0 {
                 // A direction moved to user space streams: a large buffer.
                 // After a FIN little or nothing is queued, and a 1 MiB
@@ -874,7 +937,13 @@ impl Dir {
             }
             match recv_spare(src, &mut self.buf) {
                 Ok(0) => self.eof = true,
-                Ok(n) => self.pending = 0..n,
+                Ok(n) => {
+                    self.pending = 0..n;
+                    // Streaming for good: switching back to copies after
+                    // a short splice took W1 one way from 0.63x to 0.55x
+                    // direct (medians of 9 and 7 runs).
+                    self.streaming |= !self.active && n >= userspace::SPLICE_STAY;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.buf = Vec::new();
                     // FIN is in but its data is still on its way to us.

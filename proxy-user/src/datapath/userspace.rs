@@ -34,7 +34,7 @@ const SCRATCH: usize = 1 << 20;
 /// copies, both ways 0.67-0.76x against 0.60-0.65x, 371-420 CPU-µs/MiB
 /// against 430-469. Under the host's BBR pacing an earlier splice relay
 /// had measured worse than copies.)
-const SPLICE_STAY: usize = 64 << 10;
+pub(super) const SPLICE_STAY: usize = 64 << 10;
 
 thread_local! {
     static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; SCRATCH]);
