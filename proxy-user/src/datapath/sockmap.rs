@@ -902,7 +902,9 @@ impl Dir {
             }
             if !self.active && self.streaming && !self.no_pipe {
                 // Moved to user space and streaming: the bytes go through a
-                // pipe, by reference, as on the user-space path.
+                // pipe, by reference, as on the user-space path. The copy
+                // buffer (empty here) is not kept beside it.
+                self.buf = Vec::new();
                 match self.pipe.take().or_else(Pipe::take) {
                     None => self.no_pipe = true,
                     Some(mut p) => {
@@ -928,7 +930,8 @@ impl Dir {
                 }
             }
             if self.buf.capacity() == 0 {
-                // A direction moved to user space streams: a large buffer.
+                // A direction moved to user space, not yet known to stream
+                // (a read this large makes it splice): a large buffer.
                 // After a FIN little or nothing is queued, and a 1 MiB
                 // buffer would be an mmap and a munmap (with a TLB
                 // shootdown on every CPU) per session.
