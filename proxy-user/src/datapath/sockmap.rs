@@ -682,6 +682,11 @@ struct Dir {
     /// from then on. One moved at a half-close with a few bytes left
     /// copies, and takes no pipe.
     streaming: bool,
+    /// Out of the kernel, and every byte it redirected is in `dst`'s send
+    /// queue: the fence holds for good, and `pump` stops asking (it cost a
+    /// `TCP_INFO` and a `SIOCOUTQ` on every second splice of a moved bulk
+    /// direction).
+    settled: bool,
     /// Waiting on the kernel (redirect queue draining, target full) with no
     /// event to say when it is done: look again after [`POLL`].
     waiting: bool,
@@ -715,6 +720,7 @@ impl Dir {
             pipe: None,
             no_pipe: false,
             streaming: false,
+            settled: false,
             waiting: false,
             more: false,
             fin_seen: false,
@@ -872,12 +878,16 @@ impl Dir {
                 }
             }
             // User-space bytes may go out only after every redirected byte
-            // has entered `dst`'s send queue.
-            self.redirected = sm.stats.load(self.slot).redirected;
-            let written = sockopt::bytes_written(dst).map_err(|_| side_of(self.dst))?;
-            if written < self.sent() {
-                self.waiting = true;
-                return Ok(());
+            // has entered `dst`'s send queue. Once the source is out of the
+            // map the verdict redirects no more, so one pass settles it.
+            if !self.settled {
+                self.redirected = sm.stats.load(self.slot).redirected;
+                let written = sockopt::bytes_written(dst).map_err(|_| side_of(self.dst))?;
+                if written < self.sent() {
+                    self.waiting = true;
+                    return Ok(());
+                }
+                self.settled = !self.active;
             }
             if self.eof {
                 // `run` sends the FIN, after moving the other direction out
