@@ -29,6 +29,7 @@
 //! the opcodes at start-up. Half-close and reset behave as in the
 //! user-space relay.
 
+use std::cell::Cell;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
@@ -202,27 +203,15 @@ fn to_blocking_std(s: tokio::net::TcpStream) -> io::Result<std::net::TcpStream> 
 async fn run(job: Job) -> CloseReason {
     let client = Rc::new(TcpStream::from_std(job.client));
     let origin = Rc::new(TcpStream::from_std(job.origin));
-    let acct = &job.acct;
-    let (large, splice) = (job.large, job.splice);
+    let conn = Conn {
+        acct: &job.acct,
+        large: job.large,
+        splice: job.splice,
+        first_fin: Cell::new(false),
+    };
     let result = futures_util::future::try_join(
-        pump(
-            &client,
-            &origin,
-            job.client_ahead,
-            acct,
-            true,
-            large,
-            splice,
-        ),
-        pump(
-            &origin,
-            &client,
-            job.origin_ahead,
-            acct,
-            false,
-            large,
-            splice,
-        ),
+        pump(&client, &origin, job.client_ahead, true, &conn),
+        pump(&origin, &client, job.origin_ahead, false, &conn),
     )
     .await;
     let reason = match result {
@@ -244,6 +233,26 @@ async fn run(job: Job) -> CloseReason {
     reason
 }
 
+/// What the two directions of one connection share.
+struct Conn<'a> {
+    acct: &'a Accounting,
+    large: usize,
+    splice: bool,
+    /// An EOF was passed on already (see [`pass_fin`]).
+    first_fin: Cell<bool>,
+}
+
+/// Passes an EOF on as a FIN to `dst`. Only the first needs `shutdown`:
+/// at the second both pumps are done, `run` returns at once, and closing a
+/// socket whose bytes were all read sends the FIN (one syscall less per
+/// session, as on the user-space path). A failure (the peer reset
+/// meanwhile) is the other direction's to report.
+fn pass_fin(dst: &TcpStream, first_fin: &Cell<bool>) {
+    if !first_fin.replace(true) {
+        let _ = dst.shutdown(std::net::Shutdown::Write);
+    }
+}
+
 fn fd_of(s: &TcpStream) -> std::os::fd::BorrowedFd<'_> {
     use std::os::fd::AsRawFd;
     // SAFETY: the fd belongs to `s`, which outlives the borrow.
@@ -254,11 +263,10 @@ async fn pump(
     src: &Rc<TcpStream>,
     dst: &Rc<TcpStream>,
     ahead: Bytes,
-    acct: &Accounting,
     to_origin: bool,
-    large: usize,
-    splice: bool,
+    conn: &Conn<'_>,
 ) -> Result<(), Side> {
+    let (acct, large, splice, first_fin) = (conn.acct, conn.large, conn.splice, &conn.first_fin);
     let (src_side, dst_side) = if to_origin {
         (Side::Client, Side::Origin)
     } else {
@@ -309,7 +317,7 @@ async fn pump(
         buf.0 = Some(b);
         let n = res.map_err(|_| src_side)?;
         if n == 0 {
-            let _ = dst.shutdown(std::net::Shutdown::Write);
+            pass_fin(dst, first_fin);
             return Ok(());
         }
         drained = n < size;
@@ -329,7 +337,7 @@ async fn pump(
                     });
                     match stream(ep, acct, to_origin, large, (src_side, dst_side)).await? {
                         Streamed::Eof => {
-                            let _ = dst.shutdown(std::net::Shutdown::Write);
+                            pass_fin(dst, first_fin);
                             return Ok(());
                         }
                         Streamed::Slowed => {}
