@@ -227,6 +227,16 @@ fn ratio(a: f64, b: f64) -> String {
     }
 }
 
+/// A ratio beside the goal it is checked against: two decimals, or three
+/// where two would round it onto the goal (0.696 would read "0.70×", met).
+fn ratio_vs(x: f64, goal: f64) -> String {
+    if x.is_finite() && x != goal && format!("{x:.2}") == format!("{goal:.2}") {
+        format!("{x:.3}×")
+    } else {
+        ratio(x, 1.0)
+    }
+}
+
 /// Writes the report and charts; returns the Markdown.
 pub fn write(
     opts: &Opts,
@@ -586,8 +596,8 @@ fn checks<'a>(
                     ok &= d >= 0.7 && h >= 1.5;
                     parts.push(format!(
                         "{case}: {} direct, {} HAProxy",
-                        ratio(d, 1.0),
-                        ratio(h, 1.0)
+                        ratio_vs(d, 0.7),
+                        ratio_vs(h, 1.5)
                     ));
                 }
                 mark(ok, parts.join("; "))
@@ -605,7 +615,7 @@ fn checks<'a>(
                     / (g("nginx", "cpu_per_msg") - base).min(g("haproxy", "cpu_per_msg") - base);
                 mark(
                     rate >= 1.5 && cpu <= 0.5,
-                    format!("{} rate, {} CPU", ratio(rate, 1.0), ratio(cpu, 1.0)),
+                    format!("{} rate, {} CPU", ratio_vs(rate, 1.5), ratio_vs(cpu, 0.5)),
                 )
             }),
         ),
@@ -651,7 +661,7 @@ fn checks<'a>(
             Box::new(move |tg: &str| {
                 let v = t.get(Workload::Handshake, hs, tg, "rate");
                 let n = t.get(Workload::Handshake, hs, "nginx", "rate");
-                mark(v >= n, ratio(v, n))
+                mark(v >= n, ratio_vs(v / n, 1.0))
             }),
         ),
     ]
@@ -667,6 +677,16 @@ fn today() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_ratio_beside_its_goal_shows_which_side() {
+        assert_eq!(ratio_vs(0.696, 0.7), "0.696×");
+        assert_eq!(ratio_vs(0.7018, 0.7), "0.702×");
+        assert_eq!(ratio_vs(0.7, 0.7), "0.70×");
+        assert_eq!(ratio_vs(0.58, 0.7), "0.58×");
+        assert_eq!(ratio_vs(0.996, 1.0), "0.996×");
+        assert_eq!(ratio_vs(f64::NAN, 1.0), "–");
+    }
 
     #[test]
     fn medians_and_percentiles() {
