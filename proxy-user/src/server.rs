@@ -125,29 +125,17 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
 /// and nginx has `worker_rlimit_nofile`. The hard limit is the operator's
 /// (`LimitNOFILE=` in a systemd unit, `ulimit -Hn`).
 fn raise_fd_limit() -> u64 {
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 0;
     };
-    // SAFETY: `r` is a valid rlimit for getrlimit and setrlimit to use.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
-            return 0;
-        }
-        if r.rlim_cur < r.rlim_max {
-            let old = r.rlim_cur;
-            r.rlim_cur = r.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
-                tracing::warn!(
-                    "cannot raise the open-file limit from {old} to {}: {}",
-                    r.rlim_max,
-                    std::io::Error::last_os_error()
-                );
-                r.rlim_cur = old;
-            }
+    if soft < hard {
+        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            tracing::warn!("cannot raise the open-file limit from {soft} to {hard}: {e}");
+            return soft;
         }
     }
-    r.rlim_cur
+    hard.max(soft)
 }
 
 fn bind(addr: SocketAddr, bound: u64, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
