@@ -28,10 +28,11 @@ struct Cli {
     /// Data path after the 101 (overrides the config file).
     #[arg(long, value_enum)]
     datapath: Option<DataPathChoice>,
-    /// On the sockmap path, join the kernel once a connection is this old
-    /// and idle; 0 at the 101 (overrides `limits.sockmap_promote_after_ms`).
-    #[arg(long)]
-    sockmap_promote_after_ms: Option<u64>,
+    /// On the sockmap and uring paths, join the chosen path once a
+    /// connection is this old and idle; 0 at the 101 (overrides
+    /// `limits.promote_after_ms`).
+    #[arg(long, alias = "sockmap-promote-after-ms")]
+    promote_after_ms: Option<u64>,
     /// Worker threads (overrides `workers`; default: one per CPU).
     #[arg(long)]
     workers: Option<usize>,
@@ -89,8 +90,8 @@ fn main() -> Result<()> {
     if let Some(w) = cli.workers {
         cfg.workers = Some(w);
     }
-    if let Some(ms) = cli.sockmap_promote_after_ms {
-        cfg.limits.sockmap_promote_after_ms = ms;
+    if let Some(ms) = cli.promote_after_ms {
+        cfg.limits.promote_after_ms = ms;
     }
     let cfg = cfg.validate(std::path::Path::new("<flags>"))?;
 

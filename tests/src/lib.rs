@@ -121,10 +121,10 @@ impl Sluice {
         Sluice::start_flags(mode, origin, Vec::new())
     }
 
-    /// Starts sluice from flags in front of `origin`, with sockmap's
-    /// promotion after `ms` (the other paths ignore it).
+    /// Starts sluice from flags in front of `origin`, with the promotion to
+    /// sockmap or uring after `ms` (userspace ignores it).
     pub fn start_promoting(mode: Mode, origin: SocketAddr, ms: u64) -> Sluice {
-        let extra = vec!["--sockmap-promote-after-ms".to_string(), ms.to_string()];
+        let extra = vec!["--promote-after-ms".to_string(), ms.to_string()];
         Sluice::start_flags(mode, origin, extra)
     }
 
@@ -187,10 +187,13 @@ impl Sluice {
         config: Option<PathBuf>,
     ) -> Sluice {
         args.extend(["--datapath".to_string(), mode.flag().to_string()]);
-        // Every sockmap test joins the kernel path at the 101, so that the
-        // hand-off is what it tests; `start_promoting` tests the delay.
-        if mode == Mode::Sockmap && !args.iter().any(|a| a == "--sockmap-promote-after-ms") {
-            args.extend(["--sockmap-promote-after-ms".to_string(), "0".to_string()]);
+        // Every sockmap and uring test joins its path at the 101, so that
+        // the hand-off and that path are what it tests; `start_promoting`
+        // tests the delay.
+        if matches!(mode, Mode::Sockmap | Mode::Uring)
+            && !args.iter().any(|a| a == "--promote-after-ms")
+        {
+            args.extend(["--promote-after-ms".to_string(), "0".to_string()]);
         }
         let bin = sluice_bin();
         let mut cmd = if mode == Mode::Unprivileged && is_root() {

@@ -1,14 +1,27 @@
-//! On the sockmap path a connection starts in the user-space relay and joins
-//! the kernel once it is old enough and idle in both directions
-//! (`limits.sockmap_promote_after_ms`). A short session never joins; a long
-//! one joins whether it is chatty or went through a burst, and no byte is
-//! lost, repeated or reordered across the move. Needs root (eBPF).
+//! On the sockmap and uring paths a connection starts in the user-space
+//! relay and joins the chosen path once it is old enough and idle in both
+//! directions (`limits.promote_after_ms`). A short session never joins; a
+//! long one joins whether it is chatty or went through a burst, and no byte
+//! is lost, repeated or reordered across the move. The sockmap mode needs
+//! root (eBPF); `modes` says when it is skipped.
 
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use sluice_e2e::*;
 use tokio_tungstenite::tungstenite::Message;
+
+/// The modes that promote: sockmap and uring, as far as this run covers them.
+fn promoting() -> Vec<Mode> {
+    let all: Vec<Mode> = modes()
+        .into_iter()
+        .filter(|m| matches!(m, Mode::Sockmap | Mode::Uring))
+        .collect();
+    if all.is_empty() {
+        eprintln!("SKIP promotion: neither sockmap nor uring is among this run's modes");
+    }
+    all
+}
 
 /// The `n`th close log line (1-based), once it is there.
 fn close_line(s: &Sluice, n: usize) -> String {
@@ -58,15 +71,19 @@ where
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sessions_join_the_kernel_only_once_old_and_idle() {
-    if !is_root() {
-        eprintln!("SKIP promotion: the sockmap path needs root (eBPF); CI runs as root");
-        return;
-    }
+async fn sessions_join_only_once_old_and_idle() {
     let (origin, _h) = echo_origin().await;
-    let s = Sluice::start_promoting(Mode::Sockmap, origin, 150);
+    for mode in promoting() {
+        eprintln!("mode {mode:?}");
+        join_once_old_and_idle(mode, origin).await;
+    }
+}
 
-    // Short: done long before 150 ms, so it never touches the maps.
+async fn join_once_old_and_idle(mode: Mode, origin: std::net::SocketAddr) {
+    let s = Sluice::start_promoting(mode, origin, 150);
+    let joined = format!("datapath={}", mode.flag());
+
+    // Short: done long before 150 ms, so it never leaves user space.
     let (mut ws, _) = tokio_tungstenite::connect_async(s.url()).await.unwrap();
     echo(&mut ws, Message::text("short")).await;
     let line = close(ws, &s, 1).await;
@@ -83,7 +100,7 @@ async fn sessions_join_the_kernel_only_once_old_and_idle() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let line = close(ws, &s, 2).await;
-    assert!(line.contains("datapath=sockmap"), "{line}");
+    assert!(line.contains(&joined), "{line}");
 
     // Busy through the promotion point: an 8 MiB message both ways keeps
     // the pumps streaming; the move happens after it, and the small
@@ -97,7 +114,7 @@ async fn sessions_join_the_kernel_only_once_old_and_idle() {
         echo(&mut ws, Message::text(format!("after {i}"))).await;
     }
     let line = close(ws, &s, 3).await;
-    assert!(line.contains("datapath=sockmap"), "{line}");
+    assert!(line.contains(&joined), "{line}");
 }
 
 /// Bytes each side streams per round of the mid-stream test.
@@ -105,15 +122,18 @@ const LEN: u64 = 64 << 20;
 const ROUNDS: usize = 8;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_move_into_the_kernel_mid_stream_loses_nothing() {
-    if !is_root() {
-        eprintln!("SKIP promotion: the sockmap path needs root (eBPF); CI runs as root");
-        return;
-    }
+async fn a_move_mid_stream_loses_nothing() {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let s = Sluice::start_promoting(Mode::Sockmap, l.local_addr().unwrap(), 20);
+    for mode in promoting() {
+        eprintln!("mode {mode:?}");
+        move_mid_stream(mode, &l).await;
+    }
+}
+
+async fn move_mid_stream(mode: Mode, l: &tokio::net::TcpListener) {
+    let s = Sluice::start_promoting(mode, l.local_addr().unwrap(), 20);
     for r in 0..ROUNDS {
-        let ((c, _), (o, _, _)) = tokio::join!(raw_client(s.addr, b""), raw_origin(&l, b""));
+        let ((c, _), (o, _, _)) = tokio::join!(raw_client(s.addr, b""), raw_origin(l, b""));
         let (c_rd, c_wr) = c.into_split();
         let (o_rd, o_wr) = o.into_split();
         let work = async {
@@ -144,14 +164,17 @@ async fn a_move_into_the_kernel_mid_stream_loses_nothing() {
         }
     }
     s.wait_log_count(&["closed:"], ROUNDS, Duration::from_secs(5));
+    let path = format!("datapath={}", mode.flag());
     let joined = s
         .logs()
         .lines()
-        .filter(|l| l.contains("closed:") && l.contains("datapath=sockmap"))
+        .filter(|l| l.contains("closed:") && l.contains(&path))
         .count();
     let moved = s.logs().matches("continues in user space").count();
-    eprintln!("{joined} of {ROUNDS} rounds joined the kernel mid-stream; {moved} direction(s) moved back out");
-    assert!(joined > 0, "no round joined the kernel:\n{}", s.logs());
+    eprintln!(
+        "{mode:?}: {joined} of {ROUNDS} rounds joined mid-stream; {moved} direction(s) moved back out"
+    );
+    assert!(joined > 0, "no round joined {mode:?}:\n{}", s.logs());
     // The access log counts every byte, the ones user space relayed before
     // the move included.
     let field = |line: &str, key: &str| -> Option<u64> {

@@ -18,12 +18,16 @@
 //! session when sessions join the maps at the 101 (449-488 against 324-332
 //! CPU-µs, an earlier run), and ran 0.81-1.03x userspace at 100 and 1,000
 //! echo connections;
-//! choose it explicitly. On `sockmap`, a connection starts in the
-//! user-space relay and joins the kernel once it is
-//! `limits.sockmap_promote_after_ms` old and idle both ways
+//! choose it explicitly. On `sockmap` and `uring`, a connection starts in
+//! the user-space relay and joins the chosen path once it is
+//! `limits.promote_after_ms` old and idle both ways
 //! ([`userspace::relay_until_idle`]), so short sessions cost what they cost
-//! on `userspace`. A connection that cannot join the chosen path falls back
-//! to the next (sockmap, then uring, then userspace).
+//! on `userspace`: joining costs more than they spend relaying (W4, quick
+//! runs side by side with nginx, 4 alternating rounds of 3 repetitions:
+//! uring from the 101 ran 0.81x nginx's sessions/s at 1.26x its proxy
+//! CPU per session, uring after promotion 0.87x at 1.10x; medians). A
+//! connection that cannot join the chosen path falls back to the next
+//! (sockmap, then uring, then userspace).
 
 mod pipe;
 mod shared_map;
@@ -168,7 +172,7 @@ pub struct DataPaths {
     pub why: String,
     sockmap: Option<Arc<sockmap::Sockmap>>,
     uring: Option<uring::UringRelay>,
-    /// `limits.sockmap_promote_after_ms`.
+    /// `limits.promote_after_ms`.
     promote_after: std::time::Duration,
 }
 
@@ -224,7 +228,7 @@ impl DataPaths {
             why,
             sockmap,
             uring: uring.ok(),
-            promote_after: std::time::Duration::from_millis(limits.sockmap_promote_after_ms),
+            promote_after: std::time::Duration::from_millis(limits.promote_after_ms),
         })
     }
 
@@ -253,15 +257,22 @@ impl DataPaths {
     /// it and how it ended.
     pub async fn relay(&self, pair: Pair, acct: Arc<Accounting>) -> (DataPath, CloseReason) {
         let mut pair = pair;
+        // Joining sockmap or uring costs more per session than a short
+        // session spends relaying: such sessions stay in user space.
+        let joins = match self.primary {
+            DataPath::Sockmap => self.sockmap.is_some(),
+            DataPath::Uring => self.uring.is_some(),
+            DataPath::Userspace => false,
+        };
+        if joins && !self.promote_after.is_zero() {
+            let first = userspace::relay_until_idle(pair, acct.clone(), self.promote_after);
+            match Box::pin(first).await {
+                Ok(reason) => return (DataPath::Userspace, reason),
+                Err(p) => pair = p,
+            }
+        }
         if self.primary == DataPath::Sockmap {
             if let Some(sm) = &self.sockmap {
-                if !self.promote_after.is_zero() {
-                    let first = userspace::relay_until_idle(pair, acct.clone(), self.promote_after);
-                    match Box::pin(first).await {
-                        Ok(reason) => return (DataPath::Userspace, reason),
-                        Err(p) => pair = p,
-                    }
-                }
                 match Box::pin(sm.relay(pair, acct.clone())).await {
                     Ok(reason) => return (DataPath::Sockmap, reason),
                     Err(f) => {

@@ -1,6 +1,6 @@
 //! The eBPF sockmap path: after the hand-off the kernel moves the bytes.
 //! [`super::DataPaths::relay`] hands a connection here once it is old
-//! enough and idle (`limits.sockmap_promote_after_ms`; 0: at the 101).
+//! enough and idle (`limits.promote_after_ms`; 0: at the 101).
 //!
 //! Requires Linux 5.19+ (verdict-only sockmap for TCP, `bpf_get_socket_cookie`
 //! in sk_skb, ring buffers, mmapable arrays), CAP_BPF and CAP_NET_ADMIN.

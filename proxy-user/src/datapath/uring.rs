@@ -1,6 +1,8 @@
 //! The io_uring relay: each worker thread runs a tokio-uring runtime and
 //! relays the connections it accepted as local tasks on its own rings
-//! (thread per core, as on the other paths).
+//! (thread per core, as on the other paths). [`super::DataPaths::relay`]
+//! hands a connection here once it is old enough and idle
+//! (`limits.promote_after_ms`; 0: at the 101).
 //!
 //! A direction starts with `IORING_OP_READ`/`IORING_OP_WRITE` through a
 //! small buffer. Once a read fills it, the direction streams: it splices
