@@ -45,6 +45,12 @@ const MOVED: [(&str, &str); 2] = [
     ),
 ];
 
+/// What Sluice's access log says at a close, and on which path: sessions
+/// on sockmap or uring that closed on `userspace` never joined the chosen
+/// path (`limits.promote_after_ms`), so the figure is partly or wholly
+/// the user-space relay's.
+const CLOSED: [&str; 4] = [MOVED[0].0, MOVED[1].0, "closed: ", "datapath=userspace"];
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct Opts {
@@ -249,6 +255,9 @@ pub fn run(opts: &Opts) -> Result<String, String> {
     // is mostly that user-space relay's.
     // The value: directions moved, and the runs they were counted over.
     let mut moved: std::collections::BTreeMap<(String, usize), (usize, usize)> = Default::default();
+    // Sessions on sockmap or uring that stayed in user space, per case:
+    // (stayed, closed).
+    let mut stayed: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
     // Cases outside, repetitions next, targets inside: every target meets
     // the same machine weather within a repetition.
     for (w, case) in &cases {
@@ -265,7 +274,7 @@ pub fn run(opts: &Opts) -> Result<String, String> {
                         ));
                     }
                 }
-                let moved_before = MOVED.map(|(needle, _)| t.log_count(needle));
+                let before = t.log_counts(CLOSED);
                 bar.set_message(format!(
                     "{} {case} {} #{}",
                     w.title(),
@@ -309,8 +318,20 @@ pub fn run(opts: &Opts) -> Result<String, String> {
                 bar.inc(1);
                 // Let sockets in TIME_WAIT and closing connections settle.
                 std::thread::sleep(Duration::from_millis(200));
-                for (i, (needle, _)) in MOVED.iter().enumerate() {
-                    let n = t.log_count(needle).saturating_sub(moved_before[i]);
+                let after = t.log_counts(CLOSED);
+                let delta: Vec<usize> = after
+                    .iter()
+                    .zip(before)
+                    .map(|(a, b)| a.saturating_sub(b))
+                    .collect();
+                let promoting = matches!(t.kind, Kind::Sluice("sockmap" | "uring"));
+                if promoting && delta[3] > 0 {
+                    let key = format!("{} {} {case}", t.kind.name(), w.title());
+                    let e = stayed.entry(key).or_insert((0, 0));
+                    e.0 += delta[3];
+                    e.1 += delta[2];
+                }
+                for (i, &n) in delta.iter().take(MOVED.len()).enumerate() {
                     // At a close the move is part of the session's cost,
                     // which only W4 measures; elsewhere it is teardown.
                     if n == 0 || (i == 1 && *w != Workload::Handshake) {
@@ -328,6 +349,12 @@ pub fn run(opts: &Opts) -> Result<String, String> {
         notes.push(format!(
             "{key}: {n} direction(s) moved from the kernel to user space over {runs} run(s): {}",
             MOVED[reason].1
+        ));
+    }
+    for (key, (n, of)) in stayed {
+        notes.push(format!(
+            "{key}: {n} of {of} session(s) stayed in user space: they closed before \
+             limits.promote_after_ms, or were never idle both ways after it"
         ));
     }
     let names: Vec<String> = running.iter().map(|t| t.kind.name()).collect();

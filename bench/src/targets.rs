@@ -276,16 +276,20 @@ impl Target {
             .collect()
     }
 
-    /// How many lines of its log so far contain `needle`.
-    pub fn log_count(&self, needle: &str) -> usize {
+    /// How many lines of its log so far contain each of `needles`, read
+    /// once (two access lines per session make it long).
+    pub fn log_counts<const N: usize>(&self, needles: [&str; N]) -> [usize; N] {
+        let mut n = [0; N];
         let Some(d) = &self.dir else {
-            return 0;
+            return n;
         };
-        std::fs::read_to_string(d.join("stderr.log"))
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.contains(needle))
-            .count()
+        let text = std::fs::read_to_string(d.join("stderr.log")).unwrap_or_default();
+        for l in text.lines() {
+            for (c, needle) in n.iter_mut().zip(needles) {
+                *c += usize::from(l.contains(needle));
+            }
+        }
+        n
     }
 
     /// Resident memory of the proxy's processes (0 for direct).
