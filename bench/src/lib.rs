@@ -69,6 +69,10 @@ pub struct Opts {
     /// Measure in the host's network namespace, under its TCP settings,
     /// instead of the run's own (see [`netns`]).
     pub host_network: bool,
+    /// W2's connection counts, if given (default 1, 100 and 1,000).
+    pub echo_conns: Vec<usize>,
+    /// W2's message sizes in bytes, if given (default 64, 1,024 and 16,384).
+    pub echo_sizes: Vec<usize>,
 }
 
 /// The sizes of one run of the matrix.
@@ -154,7 +158,16 @@ pub const ALL: [Kind; 7] = [
 
 /// Runs the matrix and writes the report. Returns the Markdown.
 pub fn run(opts: &Opts) -> Result<String, String> {
-    let plan = Plan::new(opts.quick, opts.reps);
+    let mut plan = Plan::new(opts.quick, opts.reps);
+    if !opts.echo_conns.is_empty() {
+        plan.echo_conns.clone_from(&opts.echo_conns);
+    }
+    if !opts.echo_sizes.is_empty() {
+        plan.echo_sizes.clone_from(&opts.echo_sizes);
+    }
+    if plan.echo_conns.contains(&0) || plan.echo_sizes.contains(&0) {
+        return Err("--echo-conns and --echo-sizes take numbers above 0".into());
+    }
     let nofile = sys::raise_nofile();
     let mut notes: Vec<String> = Vec::new();
     let mut kinds: Vec<Kind> = ALL

@@ -30,6 +30,12 @@ struct Cli {
     /// (default: a namespace of the run's own, with cubic).
     #[arg(long)]
     host_network: bool,
+    /// W2's connection counts (comma-separated; default 1,100,1000).
+    #[arg(long, value_delimiter = ',')]
+    echo_conns: Vec<usize>,
+    /// W2's message sizes in bytes (comma-separated; default 64,1024,16384).
+    #[arg(long, value_delimiter = ',')]
+    echo_sizes: Vec<usize>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,6 +48,8 @@ fn main() -> anyhow::Result<()> {
         reps: cli.reps,
         workloads: cli.workloads,
         host_network: cli.host_network,
+        echo_conns: cli.echo_conns,
+        echo_sizes: cli.echo_sizes,
     };
     let md = sluice_bench::run(&opts).map_err(anyhow::Error::msg)?;
     println!("{md}");
