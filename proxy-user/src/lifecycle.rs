@@ -232,11 +232,20 @@ pub async fn serve_client(
     };
     // An idle relayed connection holds no head buffer.
     drop((buf, ws, protocol));
-    let closing = hand_off(pair, peer, path, ctx.paths.clone());
+    spawn_on_worker(local, hand_off(pair, peer, path, ctx.paths.clone()));
+}
+
+/// Spawns `task` on this worker thread: into its `LocalSet` when `local`
+/// (tokio-uring's runtime, where the io_uring relay runs), else onto its
+/// current-thread runtime. Either way the task never leaves the thread.
+pub(crate) fn spawn_on_worker(
+    local: bool,
+    task: impl std::future::Future<Output = ()> + Send + 'static,
+) {
     if local {
-        tokio::task::spawn_local(closing);
+        tokio::task::spawn_local(task);
     } else {
-        tokio::spawn(closing);
+        tokio::spawn(task);
     }
 }
 

@@ -247,12 +247,10 @@ async fn accept_loop(tl: TcpListener, ctx: Arc<ListenerCtx>, local: bool) {
     loop {
         match tl.accept().await {
             Ok((stream, peer)) => {
-                let conn = lifecycle::serve_client(stream, peer, ctx.clone(), local);
-                if local {
-                    tokio::task::spawn_local(conn);
-                } else {
-                    tokio::spawn(conn);
-                }
+                lifecycle::spawn_on_worker(
+                    local,
+                    lifecycle::serve_client(stream, peer, ctx.clone(), local),
+                );
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
