@@ -332,19 +332,16 @@ pub fn run(opts: &Opts) -> Result<String, String> {
                 // Let sockets in TIME_WAIT and closing connections settle.
                 std::thread::sleep(Duration::from_millis(200));
                 let after = t.log_counts(CLOSED);
-                let delta: Vec<usize> = after
-                    .iter()
-                    .zip(before)
-                    .map(|(a, b)| a.saturating_sub(b))
-                    .collect();
+                let [behind, half_closed, closed, in_user_space]: [usize; 4] =
+                    std::array::from_fn(|i| after[i].saturating_sub(before[i]));
                 let promoting = matches!(t.kind, Kind::Sluice("sockmap" | "uring"));
-                if promoting && delta[3] > 0 {
+                if promoting && in_user_space > 0 {
                     let key = format!("{} {} {case}", t.kind.name(), w.title());
                     let e = stayed.entry(key).or_insert((0, 0));
-                    e.0 += delta[3];
-                    e.1 += delta[2];
+                    e.0 += in_user_space;
+                    e.1 += closed;
                 }
-                for (i, &n) in delta.iter().take(MOVED.len()).enumerate() {
+                for (i, n) in [behind, half_closed].into_iter().enumerate() {
                     // At a close the move is part of the session's cost,
                     // which only W4 measures; elsewhere it is teardown.
                     if n == 0 || (i == 1 && *w != Workload::Handshake) {
