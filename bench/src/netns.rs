@@ -16,6 +16,10 @@ use std::fs;
 pub const CONGESTION: &str = "cubic";
 
 const CC_PATH: &str = "/proc/sys/net/ipv4/tcp_congestion_control";
+/// Which algorithms a namespace other than the host's may make its default
+/// (a host-wide list, only in the host's namespace). A kernel built with
+/// BBR as its default leaves cubic off it ("reno bbr" on this machine kind).
+const ALLOWED_PATH: &str = "/proc/sys/net/ipv4/tcp_allowed_congestion_control";
 
 /// Where this run's sockets live, for the report.
 #[derive(Debug, Clone)]
@@ -70,11 +74,16 @@ pub fn host(why: Option<String>) -> Network {
 /// left but loopback would not come up (nothing could connect).
 pub fn enter() -> Result<Network, String> {
     let host_cc = current_congestion();
+    // Opened in the host's namespace: the list is only visible there.
+    let allowed = AllowedForAWhile::add(CONGESTION);
     if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
         return Ok(host(Some(format!("unshare(CLONE_NEWNET): {e}"))));
     }
     loopback_up().map_err(|e| format!("bringing loopback up in the run's namespace: {e}"))?;
-    let congestion = match fs::write(CC_PATH, CONGESTION) {
+    let set = fs::write(CC_PATH, CONGESTION);
+    // The namespace keeps its default; the host's list is as it was.
+    drop(allowed);
+    let congestion = match set {
         Ok(()) => CONGESTION.to_string(),
         Err(e) => {
             eprintln!("sluice-bench: cannot set {CONGESTION} in the run's namespace ({e})");
@@ -87,6 +96,47 @@ pub fn enter() -> Result<Network, String> {
         host_congestion: host_cc,
         why_host: None,
     })
+}
+
+/// The host's list of allowed algorithms with one more in it, put back as
+/// it was on drop (through the file opened before the thread left the
+/// host's namespace).
+struct AllowedForAWhile {
+    file: Option<(fs::File, String)>,
+}
+
+impl AllowedForAWhile {
+    fn add(cc: &str) -> AllowedForAWhile {
+        use std::io::Write;
+        let Ok(before) = fs::read_to_string(ALLOWED_PATH) else {
+            return AllowedForAWhile { file: None };
+        };
+        let before = before.trim().to_string();
+        if before.split_whitespace().any(|a| a == cc) {
+            return AllowedForAWhile { file: None };
+        }
+        let Ok(mut f) = fs::OpenOptions::new().write(true).open(ALLOWED_PATH) else {
+            return AllowedForAWhile { file: None };
+        };
+        if f.write_all(format!("{before} {cc}").as_bytes()).is_err() {
+            return AllowedForAWhile { file: None };
+        }
+        AllowedForAWhile {
+            file: Some((f, before)),
+        }
+    }
+}
+
+impl Drop for AllowedForAWhile {
+    fn drop(&mut self) {
+        use std::io::{Seek, Write};
+        if let Some((f, before)) = &mut self.file {
+            let put_back = f.rewind().and_then(|()| f.write_all(before.as_bytes()));
+            if let Err(e) = put_back {
+                eprintln!("sluice-bench: cannot put {ALLOWED_PATH} back to \"{before}\": {e}");
+            }
+        }
+    }
 }
 
 fn current_congestion() -> String {
@@ -129,6 +179,7 @@ mod tests {
             return;
         }
         let host_before = current_congestion();
+        let allowed_before = fs::read_to_string(ALLOWED_PATH).unwrap();
         let host_lo = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let host_port = host_lo.local_addr().unwrap().port();
         // Only the thread that calls enter() moves; the test's own stays.
@@ -155,6 +206,11 @@ mod tests {
             current_congestion(),
             host_before,
             "the host's setting is untouched"
+        );
+        assert_eq!(
+            fs::read_to_string(ALLOWED_PATH).unwrap(),
+            allowed_before,
+            "the host's allowed list is as it was"
         );
     }
 }
