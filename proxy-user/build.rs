@@ -1,5 +1,6 @@
 //! Builds the eBPF object with the nightly toolchain, as aya's template does,
-//! and tells the crate where it is (`SLUICE_EBPF_OBJ`).
+//! and tells the crate where the objects are: `SLUICE_EBPF_OBJ` (sockmap)
+//! and `SLUICE_TCPSPLICE_OBJ` (tcpsplice).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -53,6 +54,11 @@ fn main() {
         status.success(),
         "building proxy-ebpf failed; `cargo xtask setup` installs rust-src and bpf-linker"
     );
-    let obj = target_dir.join("bpfel-unknown-none/release/sluice-ebpf");
-    println!("cargo:rustc-env=SLUICE_EBPF_OBJ={}", obj.display());
+    let bins = target_dir.join("bpfel-unknown-none/release");
+    for (var, bin) in [
+        ("SLUICE_EBPF_OBJ", "sluice-ebpf"),
+        ("SLUICE_TCPSPLICE_OBJ", "sluice-tcpsplice"),
+    ] {
+        println!("cargo:rustc-env={var}={}", bins.join(bin).display());
+    }
 }

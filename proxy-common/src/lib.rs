@@ -12,6 +12,8 @@
 //! Types are padding-free so that a map value has no uninitialised bytes.
 #![no_std]
 
+pub mod splice;
+
 /// Name of the sockhash of sockets whose incoming bytes the verdict
 /// redirects. A slow direction leaves this map for good (see
 /// [`DETACH_REQUESTED`]) and continues in user space.

@@ -28,7 +28,29 @@ impl TcpInfo {
     pub fn state(&self) -> u8 {
         self.head[0]
     }
+
+    /// `tcpi_options`: the `TCPI_OPT_*` bits the connection negotiated.
+    pub fn options(&self) -> u8 {
+        self.head[5]
+    }
+
+    /// The window scale the peer announced (its windows are shifted by it).
+    pub fn snd_wscale(&self) -> u8 {
+        self.head[6] & 0x0f
+    }
+
+    /// The window scale this socket announced (the peer shifts ours by it).
+    pub fn rcv_wscale(&self) -> u8 {
+        self.head[6] >> 4
+    }
 }
+
+/// `tcpi_options` bit: TCP timestamps are on.
+pub const TCPI_OPT_TIMESTAMPS: u8 = 1;
+/// `tcpi_options` bit: window scaling is on.
+pub const TCPI_OPT_WSCALE: u8 = 4;
+/// `tcpi_options` bit: timestamps count microseconds (Linux 6.7+, per route).
+pub const TCPI_OPT_USEC_TS: u8 = 64;
 
 fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     if r < 0 {
@@ -76,6 +98,12 @@ pub fn outq(fd: BorrowedFd<'_>) -> io::Result<u64> {
     ioctl_int(fd, libc::TIOCOUTQ)
 }
 
+/// `SIOCOUTQNSD`: bytes in the send queue not sent yet.
+pub fn notsent(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    const SIOCOUTQNSD: libc::c_ulong = 0x894B;
+    ioctl_int(fd, SIOCOUTQNSD)
+}
+
 /// `SIOCINQ`: bytes in the TCP receive queue not yet read.
 pub fn inq(fd: BorrowedFd<'_>) -> io::Result<u64> {
     ioctl_int(fd, libc::FIONREAD)
@@ -88,6 +116,50 @@ pub fn inq(fd: BorrowedFd<'_>) -> io::Result<u64> {
 pub fn bytes_written(fd: BorrowedFd<'_>) -> io::Result<u64> {
     let acked = tcp_info(fd)?.bytes_acked;
     Ok(acked + outq(fd)?)
+}
+
+/// Puts a socket into TCP repair mode (`TCP_REPAIR`, Linux 3.5+,
+/// CAP_NET_ADMIN), or takes it out without the window probe that leaving
+/// repair mode normally sends (`TCP_REPAIR_OFF_NO_WP`, Linux 4.19+). In
+/// repair mode TCP sends no data, and `close` sends neither FIN nor RST.
+pub fn set_repair(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
+    const TCP_REPAIR: i32 = 19;
+    setsockopt_int(fd, libc::IPPROTO_TCP, TCP_REPAIR, if on { 1 } else { -1 })
+}
+
+/// In repair mode: (`rcv_nxt`, `write_seq`), the next sequence number the
+/// socket expects from its peer and the next it would send.
+pub fn queue_seqs(fd: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
+    const TCP_REPAIR_QUEUE: i32 = 20;
+    const TCP_QUEUE_SEQ: i32 = 21;
+    const TCP_RECV_QUEUE: i32 = 1;
+    const TCP_SEND_QUEUE: i32 = 2;
+    setsockopt_int(fd, libc::IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)?;
+    let rcv = getsockopt::<u32>(fd, libc::IPPROTO_TCP, TCP_QUEUE_SEQ)?;
+    setsockopt_int(fd, libc::IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)?;
+    let snd = getsockopt::<u32>(fd, libc::IPPROTO_TCP, TCP_QUEUE_SEQ)?;
+    Ok((rcv, snd))
+}
+
+/// `TCP_TIMESTAMP`: the socket's TCP timestamp clock now (its offset
+/// included), in the units its TSvals count.
+pub fn tcp_timestamp(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    const TCP_TIMESTAMP: i32 = 24;
+    getsockopt::<u32>(fd, libc::IPPROTO_TCP, TCP_TIMESTAMP)
+}
+
+fn setsockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32, v: libc::c_int) -> io::Result<()> {
+    // SAFETY: v is a valid int and the length is its size.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })?;
+    Ok(())
 }
 
 /// `SO_ERROR`: the pending socket error, cleared by reading it.

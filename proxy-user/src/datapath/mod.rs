@@ -32,6 +32,7 @@
 mod pipe;
 mod shared_map;
 pub mod sockmap;
+pub mod tcpsplice;
 pub mod uring;
 mod uring_splice;
 pub mod userspace;
@@ -58,6 +59,8 @@ pub enum DataPathChoice {
     Uring,
     /// Plain user-space relay.
     Userspace,
+    /// The two TCP connections joined at the packet level by a tc program.
+    Tcpsplice,
 }
 
 /// A data path that is running.
@@ -69,6 +72,8 @@ pub enum DataPath {
     Uring,
     /// Plain user-space relay.
     Userspace,
+    /// The two TCP connections joined at the packet level by a tc program.
+    Tcpsplice,
 }
 
 impl std::fmt::Display for DataPath {
@@ -77,6 +82,7 @@ impl std::fmt::Display for DataPath {
             DataPath::Sockmap => "sockmap",
             DataPath::Uring => "uring",
             DataPath::Userspace => "userspace",
+            DataPath::Tcpsplice => "tcpsplice",
         })
     }
 }
@@ -172,6 +178,7 @@ pub struct DataPaths {
     pub why: String,
     sockmap: Option<Arc<sockmap::Sockmap>>,
     uring: Option<uring::UringRelay>,
+    tcpsplice: Option<Arc<tcpsplice::TcpSplice>>,
     /// `limits.promote_after_ms`.
     promote_after: std::time::Duration,
 }
@@ -193,12 +200,22 @@ impl DataPaths {
         } else {
             None
         };
+        let tcpsplice = if choice == DataPathChoice::Tcpsplice {
+            Some(
+                tcpsplice::TcpSplice::load()
+                    .map_err(|e| format!("datapath tcpsplice is not available: {e}"))?,
+            )
+        } else {
+            None
+        };
         // The uring relay runs when it is chosen, or as sockmap's fallback.
         let uring = match choice {
             DataPathChoice::Uring | DataPathChoice::Sockmap => {
                 uring::UringRelay::start(limits.max_buffer_per_direction)
             }
-            DataPathChoice::Auto | DataPathChoice::Userspace => Err("not wanted".to_string()),
+            DataPathChoice::Auto | DataPathChoice::Userspace | DataPathChoice::Tcpsplice => {
+                Err("not wanted".to_string())
+            }
         };
         if choice == DataPathChoice::Uring {
             if let Err(e) = &uring {
@@ -222,12 +239,19 @@ impl DataPaths {
             }
             DataPathChoice::Uring => (DataPath::Uring, "configured uring".to_string()),
             DataPathChoice::Userspace => (DataPath::Userspace, "configured userspace".to_string()),
+            DataPathChoice::Tcpsplice => (
+                DataPath::Tcpsplice,
+                "configured tcpsplice; sessions whose client and origin are on this host \
+                 join once idle, others stay in user space"
+                    .to_string(),
+            ),
         };
         Ok(DataPaths {
             primary,
             why,
             sockmap,
             uring: uring.ok(),
+            tcpsplice,
             promote_after: std::time::Duration::from_millis(limits.promote_after_ms),
         })
     }
@@ -257,12 +281,19 @@ impl DataPaths {
     /// it and how it ended.
     pub async fn relay(&self, pair: Pair, acct: Arc<Accounting>) -> (DataPath, CloseReason) {
         let mut pair = pair;
+        if let Some(ts) = &self.tcpsplice {
+            match Box::pin(self.splice(ts, pair, &acct)).await {
+                Ok(done) => return done,
+                Err(p) => pair = p,
+            }
+        }
         // Joining sockmap or uring costs more per session than a short
         // session spends relaying: such sessions stay in user space.
         let joins = match self.primary {
             DataPath::Sockmap => self.sockmap.is_some(),
             DataPath::Uring => self.uring.is_some(),
-            DataPath::Userspace => false,
+            // A session tcpsplice could not take stays in user space.
+            DataPath::Userspace | DataPath::Tcpsplice => false,
         };
         if joins && !self.promote_after.is_zero() {
             let first = userspace::relay_until_idle(pair, acct.clone(), self.promote_after);
@@ -298,4 +329,52 @@ impl DataPaths {
             Box::pin(userspace::relay(pair, acct)).await,
         )
     }
+
+    /// The tcpsplice path: the user-space relay carries the session, and
+    /// at each idle moment past the promotion time it tries to join (see
+    /// [`tcpsplice`]). `Err`: this session cannot be spliced; the pair goes
+    /// to the user-space relay.
+    async fn splice(
+        &self,
+        ts: &Arc<tcpsplice::TcpSplice>,
+        mut pair: Pair,
+        acct: &Arc<Accounting>,
+    ) -> Result<(DataPath, CloseReason), Pair> {
+        let mut obs = None;
+        let mut wait = self.promote_after;
+        let mut backoff = std::time::Duration::ZERO;
+        loop {
+            match userspace::relay_until_idle(pair, acct.clone(), wait).await {
+                Ok(reason) => return Ok((DataPath::Userspace, reason)),
+                Err(p) => pair = p,
+            }
+            match ts.relay(pair, &mut obs, acct).await {
+                Ok(reason) => return Ok((DataPath::Tcpsplice, reason)),
+                Err(tcpsplice::NotJoined::Grace(p)) => {
+                    pair = p;
+                    wait = tcpsplice::GRACE_WAIT;
+                }
+                Err(tcpsplice::NotJoined::Later(p)) => {
+                    pair = p;
+                    // Bytes moved at the last moment: a chatty session
+                    // tries less and less often, up to once a second.
+                    backoff = (backoff * 2).clamp(SPLICE_RETRY_MIN, SPLICE_RETRY_MAX);
+                    wait = backoff;
+                }
+                Err(tcpsplice::NotJoined::Never(p, why)) => {
+                    static ONCE: std::sync::Once = std::sync::Once::new();
+                    ONCE.call_once(|| {
+                        tracing::info!("a session stays in user space: {why} (logged once)")
+                    });
+                    tracing::debug!("session stays in user space: {why}");
+                    return Err(p);
+                }
+            }
+        }
+    }
 }
+
+/// The first wait before a session whose bytes moved tries to splice again.
+const SPLICE_RETRY_MIN: std::time::Duration = std::time::Duration::from_millis(10);
+/// The longest wait between two tries.
+const SPLICE_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(1);

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use aya::maps::{Map, MapData};
+use proxy_common::splice::{SpliceConn, SpliceRewrite};
 use proxy_common::{DirCtl, DirStats};
 
 /// An mmapable BPF array of `T`, mapped read-write.
@@ -139,6 +140,78 @@ impl SharedArray<DirStats> {
             }
             u32_at(&raw mut (*e).redirect_errors).store(0, Ordering::Release);
             u32_at(&raw mut (*e).overrun).store(0, Ordering::Release);
+        }
+    }
+}
+
+impl SharedArray<SpliceConn> {
+    /// Starts a session's slot over: every field zero, the gate at
+    /// `gate` (the splice program reads it before anything else).
+    pub fn reset(&self, slot: u32, gate: u64) {
+        let e = self.elem(slot);
+        // SAFETY: fields of an element inside the mapping.
+        unsafe {
+            for s in 0..2 {
+                self.publish(slot, s, &SpliceRewrite::default(), 0);
+                for f in [
+                    &raw mut (*e).side[s].ts_off,
+                    &raw mut (*e).side[s].bytes,
+                    &raw mut (*e).side[s].last_ns,
+                    &raw mut (*e).side[s].fin_end,
+                ] {
+                    u64_at(f).store(0, Ordering::Release);
+                }
+            }
+            u64_at(&raw mut (*e).snap_ns).store(0, Ordering::Release);
+            u64_at(&raw mut (*e).flags).store(0, Ordering::Release);
+            u64_at(&raw mut (*e).gate).store(gate, Ordering::Release);
+        }
+    }
+
+    /// Writes the rewrite of one side's packets, and where its count
+    /// starts (`next_seq`). Only while the gate is OBSERVE, when the
+    /// program does not read them; the gate's compare-and-swap publishes
+    /// them.
+    pub fn publish(&self, slot: u32, side: usize, rw: &SpliceRewrite, next_seq: u64) {
+        let e = self.elem(slot);
+        // SAFETY: fields of an element inside the mapping; side is 0 or 1.
+        unsafe {
+            let d = &raw mut (*e).side[side & 1];
+            std::ptr::write_volatile(&raw mut (*d).rw, *rw);
+            u64_at(&raw mut (*d).next_seq).store(next_seq, Ordering::Release);
+        }
+    }
+
+    /// Sets the time the timestamp bases were read at.
+    pub fn set_snap_ns(&self, slot: u32, ns: u64) {
+        // SAFETY: a field of an element inside the mapping.
+        unsafe { u64_at(&raw mut (*self.elem(slot)).snap_ns).store(ns, Ordering::Release) }
+    }
+
+    /// The session's gate.
+    pub fn gate(&self, slot: u32) -> &AtomicU64 {
+        // SAFETY: a field of an element inside the mapping, which lives as
+        // long as `self`.
+        unsafe { u64_at(&raw mut (*self.elem(slot)).gate) }
+    }
+
+    /// The FIN, FIN-acknowledged and RST bits.
+    pub fn flags(&self, slot: u32) -> u64 {
+        // SAFETY: a field of an element inside the mapping.
+        unsafe { u64_at(&raw mut (*self.elem(slot)).flags).load(Ordering::Acquire) }
+    }
+
+    /// What the kernel counted of one side: (`next_seq`, `bytes`, `last_ns`).
+    pub fn counted(&self, slot: u32, side: usize) -> (u64, u64, u64) {
+        let e = self.elem(slot);
+        // SAFETY: fields of an element inside the mapping.
+        unsafe {
+            let d = &raw mut (*e).side[side & 1];
+            (
+                u64_at(&raw mut (*d).next_seq).load(Ordering::Acquire),
+                u64_at(&raw mut (*d).bytes).load(Ordering::Acquire),
+                u64_at(&raw mut (*d).last_ns).load(Ordering::Acquire),
+            )
         }
     }
 }

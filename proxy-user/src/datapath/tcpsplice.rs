@@ -1,0 +1,744 @@
+//! The `tcpsplice` path: once a session is upgraded and idle, a tc program
+//! joins its two TCP connections at the packet level, and the proxy's
+//! sockets and buffers drop out of the byte path. What a relay pays per
+//! message (two more TCP receives and sends, a wake-up) is gone: a spliced
+//! session costs the host what a direct connection costs, plus a header
+//! rewrite per packet. The packet program is `proxy-ebpf/src/splice.rs`;
+//! the shared layout is `proxy_common::splice`.
+//!
+//! Requires Linux 6.6+ (TCX attach; the program itself needs 5.12+ for its
+//! atomics), CAP_BPF, CAP_NET_ADMIN (`TCP_REPAIR`, attaching to `lo`),
+//! `membarrier(MEMBARRIER_CMD_GLOBAL)` (not under `nohz_full`), and IPv4
+//! peers on this host, reached over loopback (the program sits on `lo`'s
+//! ingress). Sessions that do not fit stay in the user-space relay.
+//!
+//! A session joins in three steps; user space's relay carries it until the
+//! last one succeeds, and takes it back whenever a step fails:
+//!
+//! 1. **Observe.** At its first promotion (old enough, idle both ways) the
+//!    session's flows go into `FLOWS` with its gate in OBSERVE: packets
+//!    still pass to the proxy's sockets, but the program records the
+//!    highest sequence number it passed on each side and bumps the gate for
+//!    every packet that can move a socket's sequence state. A packet that
+//!    had passed the program before the flows were there may still be on
+//!    its way into the socket, so one RCU grace period must pass first
+//!    ([`Grace`]; the program and the socket's receive path run in one RCU
+//!    read-side section).
+//! 2. **Snapshot.** At a later idle moment: read the gate; check that
+//!    nothing is unread or unsent, that at most one socket still waits for
+//!    its peer to acknowledge what it sent, and that each socket's
+//!    `rcv_nxt` is the highest sequence number the program passed it (so
+//!    nothing is in flight between the program and the socket); read both
+//!    sockets' sequence numbers (in repair mode for a moment), timestamp
+//!    clocks and window scales, and publish the rewrite.
+//! 3. **Flip.** One compare-and-swap moves the gate from what step 2 read
+//!    to SPLICED, or, when a socket waits for an acknowledgment (a request
+//!    at the origin, say), to ARMED: the program then flips it itself at
+//!    the packet that acknowledges everything that socket sent (the reply),
+//!    and rewrites that packet. The swap fails if any packet passed since
+//!    step 2 read the gate; an armed session goes back to OBSERVE if any
+//!    other packet passes first. Either way the relay takes over again.
+//!
+//! Once spliced, the proxy's sockets are frozen where the snapshot left
+//! them; whatever they might still send (a retransmission of data the
+//! peer acknowledged to the other socket, a delayed ACK) is dropped by two
+//! more flows, for their own output. At the end they close in repair mode,
+//! which sends nothing.
+//!
+//! The data-path traps of a relay do not arise: no proxy buffer holds
+//! bytes, TCP's own windows carry backpressure end to end, and a FIN or RST
+//! reaches the other peer as that peer's own TCP would see it. The session
+//! ends when the program has seen both FINs acknowledged, or a reset.
+
+use std::collections::HashMap as StdHashMap;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
+use aya::programs::{tc, SchedClassifier, TcAttachType};
+use aya::{Ebpf, EbpfLoader};
+use proxy_common::splice::{
+    FlowKey, FlowRef, SpliceConn, SpliceEvent, SpliceRewrite, FLAGS_DONE, FLAG_RST, FROM_CLIENT,
+    FROM_ORIGIN, GATE_ARMED, GATE_OBSERVE, GATE_SPLICED, GATE_STATE, MAP_FLOWS, MAP_SPLICES,
+    MAP_SPLICE_EVENTS, MAX_SPLICES, OWN_TO_CLIENT, OWN_TO_ORIGIN, PROG_SPLICE,
+};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{watch, Notify};
+
+use super::shared_map::{SharedArray, Slots};
+use super::{CloseReason, Pair, Side};
+use crate::accounting::{monotonic_ns, Accounting};
+use crate::sockopt;
+
+/// The interface the program sits on.
+const IFACE: &str = "lo";
+/// Bit 32 of `next_seq`: set (the program's encoding).
+const SET: u64 = 1 << 32;
+/// After both FINs were acknowledged, the flows stay a little: a final ACK
+/// lost on the way makes the other peer send its FIN again, and that must
+/// still be rewritten. The proxy's sockets keep the 4-tuples reserved.
+const LINGER: Duration = Duration::from_secs(1);
+/// How often a spliced session looks at its flags without a wake-up (the
+/// ring may have been full).
+const RECHECK: Duration = Duration::from_secs(30);
+/// About how long a grace period takes here (`membarrier` measured 8 ms).
+pub const GRACE_WAIT: Duration = Duration::from_millis(10);
+/// The same for an armed session, whose relay is stopped meanwhile.
+const ARMED_RECHECK: Duration = Duration::from_millis(100);
+
+/// Why the tcpsplice path could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum TcpSpliceError {
+    /// Loading the object failed (no privileges, no BTF, verifier).
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    /// Loading or attaching the program failed.
+    #[error("eBPF program: {0}")]
+    Program(#[from] aya::programs::ProgramError),
+    /// A map is missing or has the wrong type.
+    #[error("map: {0}")]
+    Map(#[from] aya::maps::MapError),
+    /// The object lacks a map or program by that name.
+    #[error("the eBPF object has no {0}")]
+    Missing(&'static str),
+    /// `membarrier(MEMBARRIER_CMD_GLOBAL)` is not available.
+    #[error("membarrier(MEMBARRIER_CMD_GLOBAL) is not available (a nohz_full kernel?): {0}")]
+    Membarrier(io::Error),
+    /// A system call failed.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+/// How a join attempt ended, when the session is not spliced.
+pub enum NotJoined {
+    /// The grace period after the session's flows went in is not over:
+    /// relay, and try again at the next idle moment once it is (about
+    /// [`GRACE_WAIT`]).
+    Grace(Pair),
+    /// Bytes moved: relay, and try again at a later idle moment.
+    Later(Pair),
+    /// Never for this session: relay it to the end. The reason is logged.
+    Never(Pair, String),
+}
+
+/// The loaded program and its maps.
+pub struct TcpSplice {
+    flows: Mutex<BpfHashMap<MapData, FlowKey, FlowRef>>,
+    conns: SharedArray<SpliceConn>,
+    slots: Mutex<Slots>,
+    /// Wake-ups of spliced sessions, by slot.
+    waiting: Mutex<StdHashMap<u32, Arc<Notify>>>,
+    grace: Arc<Grace>,
+    local: Mutex<LocalAddrs>,
+    /// Keeps the program attached for the life of the process.
+    _ebpf: Mutex<Ebpf>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl TcpSplice {
+    /// Loads the program, attaches it to `lo`'s ingress, and starts the
+    /// grace-period thread and the event monitor (on the calling runtime).
+    pub fn load() -> Result<Arc<TcpSplice>, TcpSpliceError> {
+        membarrier_global_supported().map_err(TcpSpliceError::Membarrier)?;
+        let mut ebpf =
+            EbpfLoader::new().load(aya::include_bytes_aligned!(env!("SLUICE_TCPSPLICE_OBJ")))?;
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(PROG_SPLICE)
+            .ok_or(TcpSpliceError::Missing(PROG_SPLICE))?
+            .try_into()?;
+        prog.load()?;
+        // Before Linux 6.6 tc programs hang off a clsact qdisc; an existing
+        // one is fine. On 6.6+ aya attaches with TCX and needs none.
+        let _ = tc::qdisc_add_clsact(IFACE);
+        prog.attach(IFACE, TcAttachType::Ingress)?;
+        let flows: BpfHashMap<MapData, FlowKey, FlowRef> = ebpf
+            .take_map(MAP_FLOWS)
+            .ok_or(TcpSpliceError::Missing(MAP_FLOWS))?
+            .try_into()?;
+        let conns = SharedArray::new(
+            ebpf.take_map(MAP_SPLICES)
+                .ok_or(TcpSpliceError::Missing(MAP_SPLICES))?,
+            MAX_SPLICES,
+        )?;
+        let events: RingBuf<MapData> = ebpf
+            .take_map(MAP_SPLICE_EVENTS)
+            .ok_or(TcpSpliceError::Missing(MAP_SPLICE_EVENTS))?
+            .try_into()?;
+        let ts = Arc::new(TcpSplice {
+            flows: Mutex::new(flows),
+            conns,
+            slots: Mutex::new(Slots::new(MAX_SPLICES)),
+            waiting: Mutex::new(StdHashMap::new()),
+            grace: Grace::start()?,
+            local: Mutex::new(LocalAddrs::default()),
+            _ebpf: Mutex::new(ebpf),
+        });
+        // SAFETY: the ring map owns its fd and keeps it open and unchanged.
+        let ring =
+            unsafe { AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE) }
+                .map_err(|e| e.into_parts().1)?;
+        tokio::spawn(ring_monitor(ts.clone(), ring));
+        Ok(ts)
+    }
+
+    /// One join attempt for an idle session (both relay directions stopped,
+    /// nothing read left unwritten). `obs` carries the session's observation
+    /// from one attempt to the next; it is set up on the first. On success
+    /// the session is spliced and this returns once it ended.
+    pub async fn relay(
+        self: &Arc<Self>,
+        pair: Pair,
+        obs: &mut Option<Observation>,
+        acct: &Accounting,
+    ) -> Result<CloseReason, NotJoined> {
+        let o = match obs {
+            Some(o) => o,
+            None => match self.observe(&pair) {
+                Ok(o) => obs.insert(o),
+                Err(why) => return Err(NotJoined::Never(pair, why)),
+            },
+        };
+        if !self.grace.passed(o.ticket) {
+            return Err(NotJoined::Grace(pair));
+        }
+        let slot = o.slot;
+        match self.snapshot(&pair, o) {
+            Ok(Flip::Spliced) => tracing::debug!(slot, "spliced"),
+            Ok(Flip::Armed) => {
+                if !self.armed(slot).await {
+                    tracing::debug!(slot, "disarmed: a packet passed first");
+                    return Err(NotJoined::Later(pair));
+                }
+                tracing::debug!(slot, "spliced by the packet it was armed for");
+            }
+            Err(Snap::Moved(what)) => {
+                tracing::debug!(slot, "not spliced yet: {what}");
+                return Err(NotJoined::Later(pair));
+            }
+            Err(Snap::Failed(why)) => return Err(NotJoined::Never(pair, why)),
+        }
+        let o = obs.take().expect("observed above");
+        Ok(self.spliced(pair, o, acct).await)
+    }
+
+    /// Step 1: checks that the session can be spliced at all, takes a slot
+    /// and puts its flows into OBSERVE.
+    fn observe(self: &Arc<Self>, pair: &Pair) -> Result<Observation, String> {
+        let ends = Ends::of(pair)?;
+        for peer in [ends.client, ends.origin] {
+            if !lock(&self.local).is_local(*peer.ip()) {
+                return Err(format!(
+                    "{peer} is not an address of this host (tcpsplice joins sessions whose \
+                     client and origin are reached over loopback)"
+                ));
+            }
+        }
+        let (ci, oi) = (info(pair.client.as_fd())?, info(pair.origin.as_fd())?);
+        let ts = |i: &sockopt::TcpInfo| i.options() & sockopt::TCPI_OPT_TIMESTAMPS != 0;
+        if ts(&ci) != ts(&oi) {
+            return Err("TCP timestamps are on for one peer only".into());
+        }
+        if (ci.options() | oi.options()) & sockopt::TCPI_OPT_USEC_TS != 0 {
+            return Err("a route uses microsecond TCP timestamps".into());
+        }
+        let slot = lock(&self.slots)
+            .take()
+            .ok_or_else(|| format!("all {MAX_SPLICES} tcpsplice slots are in use"))?;
+        self.conns.reset(slot, GATE_OBSERVE);
+        let flow = |side| FlowRef { slot, side };
+        let keys = [
+            (key(ends.client, ends.client_local), flow(FROM_CLIENT)),
+            (key(ends.origin, ends.origin_local), flow(FROM_ORIGIN)),
+            (key(ends.client_local, ends.client), flow(OWN_TO_CLIENT)),
+            (key(ends.origin_local, ends.origin), flow(OWN_TO_ORIGIN)),
+        ];
+        // Made before the flows go in: should an insert fail, dropping it
+        // takes out what went in and gives the slot back.
+        let mut obs = Observation {
+            ts: self.clone(),
+            slot,
+            keys: keys.map(|(k, _)| k),
+            ticket: 0,
+            ends,
+        };
+        {
+            let mut flows = lock(&self.flows);
+            for (k, v) in keys {
+                flows
+                    .insert(k, v, 0)
+                    .map_err(|e| format!("cannot add a flow to the splice map: {e}"))?;
+            }
+        }
+        obs.ticket = self.grace.ask();
+        Ok(obs)
+    }
+
+    /// Steps 2 and 3: spliced at once, or armed for the packet one socket
+    /// waits for.
+    fn snapshot(&self, pair: &Pair, o: &Observation) -> Result<Flip, Snap> {
+        let slot = o.slot;
+        let gate = self.conns.gate(slot);
+        let seen = gate.load(Ordering::SeqCst);
+        if seen & GATE_STATE != GATE_OBSERVE || self.conns.flags(slot) != 0 {
+            return Err(Snap::Failed(
+                "a peer closed while the session was observed".into(),
+            ));
+        }
+        let (c, og) = (pair.client.as_fd(), pair.origin.as_fd());
+        let e = |e: io::Error| Snap::Failed(format!("reading the sockets' TCP state: {e}"));
+        // Nothing unread, nothing unsent (repair mode below would take
+        // unsent data as sent). Sent data not yet acknowledged may wait on
+        // one socket: the session is then armed for the peer's ACK. The
+        // relay is stopped, so nothing is queued after this look.
+        let mut unacked = [0u64; 2];
+        for (i, fd) in [c, og].into_iter().enumerate() {
+            if sockopt::inq(fd).map_err(e)? != 0 {
+                return Err(Snap::Moved("bytes wait to be read"));
+            }
+            if sockopt::notsent(fd).map_err(e)? != 0 {
+                return Err(Snap::Moved("bytes wait to be sent"));
+            }
+            unacked[i] = sockopt::outq(fd).map_err(e)?;
+        }
+        if unacked[0] != 0 && unacked[1] != 0 {
+            return Err(Snap::Moved("both sockets wait for acknowledgments"));
+        }
+        let (ci, oi) = (
+            info(c).map_err(Snap::Failed)?,
+            info(og).map_err(Snap::Failed)?,
+        );
+        const ESTABLISHED: u8 = 1;
+        if ci.state() != ESTABLISHED || oi.state() != ESTABLISHED {
+            return Err(Snap::Failed(
+                "a peer closed while the session was observed".into(),
+            ));
+        }
+        let (c_rcv, c_snd) = queue_seqs(c)?;
+        let (o_rcv, o_snd) = queue_seqs(og)?;
+        // Each socket has taken in everything the program passed it.
+        for (side, rcv) in [(0, c_rcv), (1, o_rcv)] {
+            let (seen_next, _, _) = self.conns.counted(slot, side);
+            if seen_next & SET != 0 && seen_next as u32 != rcv {
+                return Err(Snap::Moved("a packet is on its way into a socket"));
+            }
+        }
+        let snap_ns = monotonic_ns();
+        let (c_ts, o_ts) = (
+            sockopt::tcp_timestamp(c).map_err(e)?,
+            sockopt::tcp_timestamp(og).map_err(e)?,
+        );
+        let shift = |i: &sockopt::TcpInfo, theirs: bool| -> u32 {
+            if i.options() & sockopt::TCPI_OPT_WSCALE == 0 {
+                0
+            } else if theirs {
+                u32::from(i.snd_wscale())
+            } else {
+                u32::from(i.rcv_wscale())
+            }
+        };
+        let ts_on = u32::from(ci.options() & sockopt::TCPI_OPT_TIMESTAMPS != 0);
+        let ends = &o.ends;
+        // From the client: as if the origin socket sent it to the origin.
+        let from_client = SpliceRewrite {
+            saddr: addr(ends.origin_local),
+            daddr: addr(ends.origin),
+            ports: ports(ends.origin_local, ends.origin),
+            seq_delta: o_snd.wrapping_sub(c_rcv),
+            shift_in: shift(&ci, true),
+            shift_out: shift(&oi, false),
+            ts_base: o_ts,
+            ts_on,
+            flip: u32::from(unacked[0] != 0),
+            flip_ack: c_snd,
+        };
+        let from_origin = SpliceRewrite {
+            saddr: addr(ends.client_local),
+            daddr: addr(ends.client),
+            ports: ports(ends.client_local, ends.client),
+            seq_delta: c_snd.wrapping_sub(o_rcv),
+            shift_in: shift(&oi, true),
+            shift_out: shift(&ci, false),
+            ts_base: c_ts,
+            ts_on,
+            flip: u32::from(unacked[1] != 0),
+            flip_ack: o_snd,
+        };
+        self.conns
+            .publish(slot, 0, &from_client, SET | u64::from(c_rcv));
+        self.conns
+            .publish(slot, 1, &from_origin, SET | u64::from(o_rcv));
+        self.conns.set_snap_ns(slot, snap_ns);
+        tracing::debug!(
+            slot,
+            "snapshot: unacked {unacked:?}, client rcv {c_rcv} snd {c_snd}, origin rcv {o_rcv} snd {o_snd}"
+        );
+        let (state, flip) = if unacked == [0, 0] {
+            (GATE_SPLICED, Flip::Spliced)
+        } else {
+            (GATE_ARMED, Flip::Armed)
+        };
+        gate.compare_exchange(
+            seen,
+            (seen & !GATE_STATE) | state,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        )
+        .map(|_| flip)
+        .map_err(|_| Snap::Moved("a packet passed during the snapshot"))
+    }
+
+    /// Waits until the armed session in `slot` is spliced by the packet it
+    /// waits for (true), or a packet disarmed it (false). The relay is
+    /// stopped meanwhile, as it would wait for that packet too.
+    async fn armed(&self, slot: u32) -> bool {
+        let notify = Arc::new(Notify::new());
+        lock(&self.waiting).insert(slot, notify.clone());
+        let gate = self.conns.gate(slot);
+        let spliced = loop {
+            match gate.load(Ordering::SeqCst) & GATE_STATE {
+                GATE_ARMED => {}
+                s => break s == GATE_SPLICED,
+            }
+            // The ring may have been full: look again now and then.
+            let _ = tokio::time::timeout(ARMED_RECHECK, notify.notified()).await;
+        };
+        lock(&self.waiting).remove(&slot);
+        spliced
+    }
+
+    /// The session is spliced: waits for its end, then tears it down.
+    async fn spliced(&self, pair: Pair, o: Observation, acct: &Accounting) -> CloseReason {
+        let slot = o.slot;
+        let before = acct.totals();
+        let notify = Arc::new(Notify::new());
+        lock(&self.waiting).insert(slot, notify.clone());
+        let update = || {
+            let (_, c2o, c_last) = self.conns.counted(slot, 0);
+            let (_, o2c, o_last) = self.conns.counted(slot, 1);
+            acct.set(before.0 + c2o, before.1 + o2c, c_last.max(o_last));
+        };
+        let reason = loop {
+            let flags = self.conns.flags(slot);
+            if flags & FLAG_RST[0] != 0 {
+                break CloseReason::Reset(Side::Client);
+            }
+            if flags & FLAG_RST[1] != 0 {
+                break CloseReason::Reset(Side::Origin);
+            }
+            if flags & FLAGS_DONE == FLAGS_DONE {
+                break CloseReason::Done;
+            }
+            update();
+            let _ = tokio::time::timeout(RECHECK, notify.notified()).await;
+        };
+        update();
+        lock(&self.waiting).remove(&slot);
+        let linger = if reason == CloseReason::Done {
+            LINGER
+        } else {
+            Duration::ZERO
+        };
+        // The sockets and then the flows go after the linger, in a task of
+        // their own. In repair mode, closing a socket sends nothing; until
+        // the flows go, anything the frozen sockets send is dropped.
+        tokio::spawn(async move {
+            tokio::time::sleep(linger).await;
+            for fd in [pair.client.as_fd(), pair.origin.as_fd()] {
+                if let Err(e) = sockopt::set_repair(fd, true) {
+                    tracing::warn!("a spliced socket closes outside repair mode: {e}");
+                }
+            }
+            drop(pair);
+            drop(o);
+        });
+        reason
+    }
+}
+
+/// How a snapshot ended.
+enum Flip {
+    /// Spliced at once (both sockets had everything acknowledged).
+    Spliced,
+    /// Armed: the packet one socket waits for will splice it.
+    Armed,
+}
+
+/// In repair mode (needed to read them): (`rcv_nxt`, `write_seq`). Repair
+/// mode is left at once, without its window probe; the caller checked that
+/// nothing is unsent, which repair mode would take as sent. Leaving repair
+/// mode also clears `SO_REUSEADDR`, which an accepted socket inherits from
+/// the listener: its TIME_WAIT would then keep a restarted daemon from
+/// binding the port. It is set back.
+fn queue_seqs(fd: BorrowedFd<'_>) -> Result<(u32, u32), Snap> {
+    let sock = socket2::SockRef::from(&fd);
+    let reuse = sock
+        .reuse_address()
+        .map_err(|e| Snap::Failed(format!("SO_REUSEADDR: {e}")))?;
+    sockopt::set_repair(fd, true)
+        .map_err(|e| Snap::Failed(format!("TCP_REPAIR: {e} (needs CAP_NET_ADMIN)")))?;
+    let seqs = sockopt::queue_seqs(fd);
+    let off = sockopt::set_repair(fd, false);
+    let seqs = seqs.map_err(|e| Snap::Failed(format!("TCP_QUEUE_SEQ: {e}")))?;
+    off.map_err(|e| Snap::Failed(format!("leaving TCP_REPAIR: {e}")))?;
+    if reuse {
+        sock.set_reuse_address(true)
+            .map_err(|e| Snap::Failed(format!("SO_REUSEADDR: {e}")))?;
+    }
+    Ok(seqs)
+}
+
+/// Why a snapshot did not lead to a flip.
+enum Snap {
+    /// Bytes moved or are in flight (which ones): try again later.
+    Moved(&'static str),
+    /// This session cannot be spliced.
+    Failed(String),
+}
+
+/// A session's flows in the splice map and its slot; removed on drop.
+pub struct Observation {
+    ts: Arc<TcpSplice>,
+    slot: u32,
+    keys: [FlowKey; 4],
+    /// The grace period that must pass before the first snapshot.
+    ticket: u64,
+    ends: Ends,
+}
+
+impl Drop for Observation {
+    fn drop(&mut self) {
+        {
+            let mut flows = lock(&self.ts.flows);
+            for k in &self.keys {
+                let _ = flows.remove(k);
+            }
+        }
+        // The slot rests before reuse, so a program run that still holds
+        // it finishes first.
+        lock(&self.ts.slots).give(self.slot);
+    }
+}
+
+/// The four addresses of a session (IPv4 only).
+struct Ends {
+    client: SocketAddrV4,
+    client_local: SocketAddrV4,
+    origin_local: SocketAddrV4,
+    origin: SocketAddrV4,
+}
+
+impl Ends {
+    fn of(pair: &Pair) -> Result<Ends, String> {
+        let v4 = |a: io::Result<SocketAddr>| match a {
+            Ok(SocketAddr::V4(a)) => Ok(a),
+            Ok(SocketAddr::V6(a)) => Err(format!("{a} is IPv6 (tcpsplice is IPv4 only)")),
+            Err(e) => Err(format!("socket address: {e}")),
+        };
+        Ok(Ends {
+            client: v4(pair.client.peer_addr())?,
+            client_local: v4(pair.client.local_addr())?,
+            origin_local: v4(pair.origin.local_addr())?,
+            origin: v4(pair.origin.peer_addr())?,
+        })
+    }
+}
+
+/// An address as the program reads it from the header.
+fn addr(a: SocketAddrV4) -> u32 {
+    u32::from_ne_bytes(a.ip().octets())
+}
+
+/// A port as the program reads it from the header.
+fn port(a: SocketAddrV4) -> u16 {
+    u16::from_ne_bytes(a.port().to_be_bytes())
+}
+
+/// Source and destination port as one header word.
+fn ports(src: SocketAddrV4, dst: SocketAddrV4) -> u32 {
+    let (s, d) = (src.port().to_be_bytes(), dst.port().to_be_bytes());
+    u32::from_ne_bytes([s[0], s[1], d[0], d[1]])
+}
+
+/// The key of packets from `from` to the proxy's socket at `to`.
+fn key(from: SocketAddrV4, to: SocketAddrV4) -> FlowKey {
+    FlowKey {
+        saddr: addr(from),
+        daddr: addr(to),
+        sport: port(from),
+        dport: port(to),
+    }
+}
+
+fn info(fd: BorrowedFd<'_>) -> Result<sockopt::TcpInfo, String> {
+    sockopt::tcp_info(fd).map_err(|e| format!("TCP_INFO: {e}"))
+}
+
+/// This host's IPv4 addresses, read again at most once a second when an
+/// address is not among them.
+#[derive(Default)]
+struct LocalAddrs {
+    addrs: Vec<Ipv4Addr>,
+    read: Option<Instant>,
+}
+
+impl LocalAddrs {
+    fn is_local(&mut self, ip: Ipv4Addr) -> bool {
+        if ip.is_loopback() || self.addrs.contains(&ip) {
+            return true;
+        }
+        if self
+            .read
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return false;
+        }
+        self.read = Some(Instant::now());
+        self.addrs = nix::ifaddrs::getifaddrs()
+            .map(|all| {
+                all.filter_map(|i| i.address?.as_sockaddr_in().map(|a| a.ip()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.addrs.contains(&ip)
+    }
+}
+
+/// RCU grace periods on demand: one `membarrier(MEMBARRIER_CMD_GLOBAL)`
+/// (`synchronize_rcu`, about 7 ms here) serves every session that asked
+/// before it started.
+struct Grace {
+    asked: Mutex<u64>,
+    wake: Condvar,
+    done: watch::Sender<u64>,
+}
+
+impl Grace {
+    fn start() -> io::Result<Arc<Grace>> {
+        let g = Arc::new(Grace {
+            asked: Mutex::new(0),
+            wake: Condvar::new(),
+            done: watch::Sender::new(0),
+        });
+        let me = g.clone();
+        std::thread::Builder::new()
+            .name("sluice-grace".into())
+            .spawn(move || me.run())?;
+        Ok(g)
+    }
+
+    /// A ticket for a grace period that starts from now.
+    fn ask(&self) -> u64 {
+        let mut a = lock(&self.asked);
+        *a += 1;
+        self.wake.notify_one();
+        *a
+    }
+
+    fn passed(&self, ticket: u64) -> bool {
+        *self.done.borrow() >= ticket
+    }
+
+    fn run(&self) {
+        let mut done = 0;
+        loop {
+            let target = {
+                let mut a = lock(&self.asked);
+                while *a <= done {
+                    a = self.wake.wait(a).unwrap_or_else(|e| e.into_inner());
+                }
+                *a
+            };
+            if let Err(e) = membarrier_global() {
+                // Checked at start; should it fail now, waiting a while
+                // instead still outlasts any packet in flight in practice.
+                tracing::error!("membarrier failed: {e}; sleeping 50 ms instead");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            done = target;
+            self.done.send_replace(done);
+        }
+    }
+}
+
+const MEMBARRIER_CMD_QUERY: libc::c_long = 0;
+const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+
+fn membarrier(cmd: libc::c_long) -> io::Result<libc::c_long> {
+    // SAFETY: membarrier takes two integer arguments and touches no memory.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_membarrier,
+            cmd,
+            0 as libc::c_long,
+            0 as libc::c_long,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn membarrier_global_supported() -> io::Result<()> {
+    if membarrier(MEMBARRIER_CMD_QUERY)? & MEMBARRIER_CMD_GLOBAL == 0 {
+        return Err(io::Error::other("not in the supported commands"));
+    }
+    Ok(())
+}
+
+/// Waits until every CPU passed a quiescent state: every packet that was
+/// inside the receive path (an RCU read-side section) when it was called
+/// has reached its socket.
+fn membarrier_global() -> io::Result<()> {
+    membarrier(MEMBARRIER_CMD_GLOBAL).map(|_| ())
+}
+
+async fn ring_monitor(ts: Arc<TcpSplice>, mut ring: AsyncFd<RingBuf<MapData>>) {
+    loop {
+        let Ok(mut guard) = ring.readable_mut().await else {
+            tracing::error!("tcpsplice event ring failed; sessions look every {RECHECK:?}");
+            return;
+        };
+        let rb = guard.get_inner_mut();
+        while let Some(item) = rb.next() {
+            if item.len() < std::mem::size_of::<SpliceEvent>() {
+                continue;
+            }
+            // SAFETY: the kernel wrote a whole SpliceEvent; read_unaligned
+            // copes with the ring's 8-byte alignment either way.
+            let ev: SpliceEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            let hit = lock(&ts.waiting).get(&ev.slot).cloned();
+            if let Some(n) = hit {
+                n.notify_one();
+            }
+        }
+        guard.clear_ready();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_and_rewrites_are_in_header_byte_order() {
+        let a: SocketAddrV4 = "10.1.2.3:8080".parse().unwrap();
+        let b: SocketAddrV4 = "127.0.0.1:40000".parse().unwrap();
+        // As the bytes lie in the header, read as native integers.
+        assert_eq!(addr(a).to_ne_bytes(), [10, 1, 2, 3]);
+        assert_eq!(port(a).to_ne_bytes(), 8080u16.to_be_bytes());
+        let p = ports(a, b).to_ne_bytes();
+        assert_eq!(&p[..2], &8080u16.to_be_bytes());
+        assert_eq!(&p[2..], &40000u16.to_be_bytes());
+        let k = key(b, a);
+        assert_eq!((k.saddr, k.dport), (addr(b), port(a)));
+    }
+}
