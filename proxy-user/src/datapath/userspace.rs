@@ -308,8 +308,10 @@ async fn pump(
             pending = Vec::new();
         }
         match promo {
-            // Idle here: nothing read is left unwritten.
-            Some(p) if !streaming => {
+            // Idle here: nothing read is left unwritten (a streaming
+            // direction too: its last splice reached `w`). A session that
+            // goes quiet right after a burst is promoted then.
+            Some(p) => {
                 if p.wait(r).await.map_err(|_| src)? {
                     return Ok(Finish::Promoted);
                 }
