@@ -147,13 +147,11 @@ impl TcpSplice {
     /// grace-period thread and the event monitor (on the calling runtime).
     pub fn load() -> Result<Arc<TcpSplice>, TcpSpliceError> {
         membarrier_global_supported().map_err(TcpSpliceError::Membarrier)?;
-        let mut ebpf =
-            EbpfLoader::new().load(aya::include_bytes_aligned!(env!("SLUICE_TCPSPLICE_OBJ")))?;
+        let mut ebpf = object()?;
         let prog: &mut SchedClassifier = ebpf
             .program_mut(PROG_SPLICE)
             .ok_or(TcpSpliceError::Missing(PROG_SPLICE))?
             .try_into()?;
-        prog.load()?;
         // Before Linux 6.6 tc programs hang off a clsact qdisc; an existing
         // one is fine. On 6.6+ aya attaches with TCX and needs none.
         let _ = tc::qdisc_add_clsact(IFACE);
@@ -462,6 +460,18 @@ impl TcpSplice {
     }
 }
 
+/// The object with its program loaded (verified), not attached.
+fn object() -> Result<Ebpf, TcpSpliceError> {
+    let mut ebpf =
+        EbpfLoader::new().load(aya::include_bytes_aligned!(env!("SLUICE_TCPSPLICE_OBJ")))?;
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(PROG_SPLICE)
+        .ok_or(TcpSpliceError::Missing(PROG_SPLICE))?
+        .try_into()?;
+    prog.load()?;
+    Ok(ebpf)
+}
+
 /// How a snapshot ended.
 enum Flip {
     /// Spliced at once (both sockets had everything acknowledged).
@@ -723,6 +733,10 @@ async fn ring_monitor(ts: Arc<TcpSplice>, mut ring: AsyncFd<RingBuf<MapData>>) {
         guard.clear_ready();
     }
 }
+
+#[cfg(test)]
+#[path = "tcpsplice_tests.rs"]
+mod program_tests;
 
 #[cfg(test)]
 mod tests {
