@@ -31,6 +31,8 @@ pub enum Mode {
     Uring,
     /// `--datapath userspace`.
     Userspace,
+    /// `--datapath tcpsplice`, as root.
+    Tcpsplice,
     /// `--datapath auto` as user nobody with every capability dropped:
     /// auto must pick a non-eBPF path and say why in its ready line.
     Unprivileged,
@@ -51,9 +53,31 @@ impl Mode {
             Mode::Sockmap => "sockmap",
             Mode::Uring => "uring",
             Mode::Userspace => "userspace",
+            Mode::Tcpsplice => "tcpsplice",
             Mode::Unprivileged => "auto",
         }
     }
+}
+
+/// The path a session of `mode` closes on, as the access log names it,
+/// once it had a quiet moment (see [`quiet`]).
+pub fn expected_path(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Unprivileged => "userspace",
+        m => m.flag(),
+    }
+}
+
+/// How long [`quiet`] waits.
+pub const QUIET: Duration = Duration::from_millis(100);
+
+/// A quiet moment in a session, as real sessions have them: sockmap and
+/// uring joined their path at the 101 already (the tests promote at 0),
+/// tcpsplice joins at the first idle moment after a grace period of about
+/// 10 ms. After it, every mode's own path carries the session, so a test
+/// that pauses here tests that path and not the user-space relay.
+pub async fn quiet() {
+    tokio::time::sleep(QUIET).await;
 }
 
 /// True when the tests run as root (as CI does).
@@ -69,10 +93,11 @@ pub fn modes() -> Vec<Mode> {
     let mut all = vec![Mode::Uring, Mode::Userspace, Mode::Unprivileged];
     if is_root() {
         all.insert(0, Mode::Sockmap);
+        all.insert(1, Mode::Tcpsplice);
     } else {
         eprintln!(
-            "SKIP sockmap mode: not running as root, so eBPF cannot load; \
-             CI runs as root and covers it. The unprivileged mode runs as the current user."
+            "SKIP sockmap and tcpsplice modes: not running as root, so eBPF cannot load; \
+             CI runs as root and covers them. The unprivileged mode runs as the current user."
         );
     }
     if let Ok(only) = std::env::var("SLUICE_TEST_MODES") {
@@ -187,10 +212,10 @@ impl Sluice {
         config: Option<PathBuf>,
     ) -> Sluice {
         args.extend(["--datapath".to_string(), mode.flag().to_string()]);
-        // Every sockmap and uring test joins its path at the 101, so that
-        // the hand-off and that path are what it tests; `start_promoting`
-        // tests the delay.
-        if matches!(mode, Mode::Sockmap | Mode::Uring)
+        // Every sockmap, uring and tcpsplice test joins its path at the
+        // 101 (tcpsplice: at its first idle moment), so that the hand-off
+        // and that path are what it tests; `start_promoting` tests the delay.
+        if matches!(mode, Mode::Sockmap | Mode::Uring | Mode::Tcpsplice)
             && !args.iter().any(|a| a == "--promote-after-ms")
         {
             args.extend(["--promote-after-ms".to_string(), "0".to_string()]);
@@ -211,8 +236,11 @@ impl Sluice {
         } else {
             Command::new(&bin)
         };
+        // `SLUICE_TEST_LOG` (a filter, as `RUST_LOG`) shows more of the
+        // daemon's log, a development aid.
+        let filter = std::env::var("SLUICE_TEST_LOG").unwrap_or_else(|_| "info".into());
         cmd.args(&args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", filter)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -251,11 +279,13 @@ impl Sluice {
         };
         match mode {
             Mode::Unprivileged => {
-                assert!(
-                    !s.ready_line.contains("datapath sockmap"),
-                    "unprivileged auto must not pick sockmap: {}",
-                    s.ready_line
-                );
+                for ebpf in ["datapath sockmap", "datapath tcpsplice"] {
+                    assert!(
+                        !s.ready_line.contains(ebpf),
+                        "unprivileged auto must not pick an eBPF path: {}",
+                        s.ready_line
+                    );
+                }
                 assert!(
                     s.ready_line.contains("(auto: "),
                     "the ready line must say why auto chose its path: {}",
@@ -333,6 +363,20 @@ impl Drop for Sluice {
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!("--- sluice log ({:?}) ---\n{}", self.mode, self.logs());
+        }
+        if std::env::var_os("SLUICE_TEST_PATHS").is_some() {
+            // Which path carried the sessions (a development aid).
+            let logs = self.logs();
+            let count = |p: &str| logs.matches(&format!("datapath={p} ")).count();
+            eprintln!(
+                "paths {:?}: {} closes: sockmap {}, tcpsplice {}, uring {}, userspace {}",
+                self.mode,
+                logs.matches("closed:").count(),
+                count("sockmap"),
+                count("tcpsplice"),
+                count("uring"),
+                count("userspace")
+            );
         }
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };

@@ -22,15 +22,22 @@ fn cfg() -> WebSocketConfig {
         .max_frame_size(Some(4 << 20))
 }
 
-/// Sends TOTAL bytes of seeded data and hashes what it receives; returns
-/// (hash of sent, hash of received, bytes received).
+/// Says hello, lets the session be [`quiet`] (every path then carries it),
+/// then sends TOTAL bytes of seeded data and hashes what it receives;
+/// returns (hash of sent, hash of received, bytes received).
 async fn exchange<S>(
-    ws: tokio_tungstenite::WebSocketStream<S>,
+    mut ws: tokio_tungstenite::WebSocketStream<S>,
     seed: u64,
 ) -> ([u8; 32], [u8; 32], usize)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    ws.send(Message::text("hello")).await.unwrap();
+    match ws.next().await {
+        Some(Ok(Message::Text(t))) if t == "hello" => {}
+        other => panic!("no hello: {other:?}"),
+    }
+    quiet().await;
     let (mut tx, mut rx) = ws.split();
     let send = tokio::spawn(async move {
         let mut prng = Prng::new(seed);
@@ -104,6 +111,11 @@ async fn run(url_for: impl FnOnce(SocketAddr) -> (String, Option<Sluice>), what:
     if let Some(s) = sluice {
         let line = s.wait_log("closed:", Duration::from_secs(10));
         assert!(line.contains("bytes_in=1073"), "{what}: {line}");
+        let path = format!("datapath={}", expected_path(s.mode));
+        assert!(
+            line.contains(&path),
+            "{what} was carried by another path: {line}"
+        );
     }
     gbps
 }

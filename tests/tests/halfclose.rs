@@ -6,6 +6,9 @@
 //!   received every byte, and the same the other way. A slow reader makes
 //!   sure bytes are still queued inside the proxy when FIN arrives.
 //! - A reset on one side reaches the other.
+//!
+//! Each session has a quiet moment first, so that every mode's own path
+//! carries it (see [`quiet`]); the close lines say which one did.
 
 use std::time::Duration;
 
@@ -66,6 +69,7 @@ async fn fin_arrives_after_every_byte_on_every_path() {
             let ((c, c_ahead), (o, _, o_ahead)) = (c, o);
             let (cr, cw) = c.into_split();
             let (or, ow) = o.into_split();
+            quiet().await;
             // Client -> origin first, then origin -> client, each ending in FIN.
             let (got_o, ()) = tokio::join!(read_to_eof(or, 1, o_ahead), send_then_fin(cw, 1));
             assert_eq!(got_o, N, "{mode:?}: origin got {got_o} of {N} before EOF");
@@ -77,7 +81,17 @@ async fn fin_arrives_after_every_byte_on_every_path() {
             .unwrap_or_else(|_| panic!("{mode:?}: timed out\n{}", s.logs()));
         let line = s.wait_log("closed:", Duration::from_secs(10));
         assert!(line.contains("closed: closed"), "{mode:?}: {line}");
+        assert_path(mode, &line);
     }
+}
+
+/// The session closed on the mode's own path.
+fn assert_path(mode: Mode, line: &str) {
+    let path = format!("datapath={}", expected_path(mode));
+    assert!(
+        line.contains(&path),
+        "{mode:?} was carried by another path: {line}"
+    );
 }
 
 async fn expect_reset(s: &mut TcpStream, who: &str, mode: Mode) {
@@ -111,6 +125,7 @@ async fn reset_reaches_the_other_side_on_every_path() {
             c.write_all(&frame(2, b"ping", true)).await.unwrap();
             let mut b = [0u8; 10];
             o.read_exact(&mut b).await.unwrap();
+            quiet().await;
             let (victim, who) = if resetter == "client" {
                 c.set_zero_linger().unwrap();
                 drop(c);
@@ -122,7 +137,11 @@ async fn reset_reaches_the_other_side_on_every_path() {
             };
             expect_reset(victim, who, mode).await;
         }
-        let _ = s.wait_log("reset by origin", Duration::from_secs(5));
+        let line = s.wait_log("reset by origin", Duration::from_secs(5));
+        assert!(line.contains("reset by origin"), "{mode:?}: {line}");
+        assert_path(mode, &line);
+        let line = s.wait_log("reset by client", Duration::from_secs(5));
+        assert_path(mode, &line);
     }
 }
 
@@ -138,6 +157,7 @@ async fn a_reset_mid_stream_reaches_the_other_side_on_every_path() {
         for streamer in ["client", "origin"] {
             let (c, o) = tokio::join!(raw_client(s.addr, b""), raw_origin(&l, b""));
             let ((c, _), (o, _, _)) = (c, o);
+            quiet().await;
             let (mut w, mut victim, who) = if streamer == "client" {
                 (c, o, "origin")
             } else {
@@ -155,5 +175,6 @@ async fn a_reset_mid_stream_reaches_the_other_side_on_every_path() {
         }
         let line = s.wait_log("reset by origin", Duration::from_secs(5));
         assert!(line.contains("reset by origin"), "{mode:?}: {line}");
+        assert_path(mode, &line);
     }
 }

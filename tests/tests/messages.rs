@@ -12,14 +12,6 @@ use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
 
-/// The close log line shows which data path really carried the connection.
-fn expected_path(mode: Mode) -> &'static str {
-    match mode {
-        Mode::Unprivileged => "userspace",
-        m => m.flag(),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tungstenite_conversation_on_every_path() {
     let (origin, _h) = echo_origin().await;
@@ -28,6 +20,7 @@ async fn tungstenite_conversation_on_every_path() {
         tokio::time::timeout(Duration::from_secs(60), conversation(&s))
             .await
             .unwrap_or_else(|_| panic!("{mode:?}: conversation timed out\n{}", s.logs()));
+        // The close log line shows which data path really carried it.
         let line = s.wait_log("closed:", Duration::from_secs(5));
         assert!(line.contains("closed: closed"), "{mode:?}: {line}");
         assert!(
@@ -57,6 +50,8 @@ async fn conversation(s: &Sluice) {
         Message::text("hello"),
         "{mode:?}"
     );
+    // The path under test carries every message below.
+    quiet().await;
 
     let mut bin = vec![0u8; 1000];
     Prng::new(1).fill(&mut bin);

@@ -37,6 +37,8 @@ async fn round(proxy: SocketAddr, l: &TcpListener) -> [(Option<u64>, u64); 2] {
     let ((c, _), (o, _, _)) = tokio::join!(raw_client(proxy, b""), raw_origin(l, b""));
     let (c_rd, c_wr) = TcpStream::into_split(c);
     let (o_rd, o_wr) = TcpStream::into_split(o);
+    // Every mode's own path carries the round (see `quiet`).
+    quiet().await;
     let work = async {
         let (_, _, at_origin, at_client) = tokio::join!(
             send_pattern(c_wr, LEN, 1 << 20),
@@ -75,9 +77,17 @@ async fn a_stalled_reader_catches_up_without_loss_on_every_path() {
                 );
             }
         }
+        s.wait_log_count(&["closed:"], ROUNDS, Duration::from_secs(5));
+        let own = format!("datapath={}", expected_path(mode));
+        let carried = log_lines(&s, &["closed:", &own]);
+        assert_eq!(
+            carried,
+            ROUNDS,
+            "{mode:?}: not every round on its path:\n{}",
+            s.logs()
+        );
         if mode == Mode::Sockmap {
             // Every session has logged its close, so every move is logged too.
-            s.wait_log_count(&["closed:"], ROUNDS, Duration::from_secs(5));
             // The stall really moved directions out of the kernel mid-stream.
             let moved = log_lines(&s, &["continues in user space"]);
             eprintln!(
@@ -113,8 +123,9 @@ async fn a_half_closed_client_with_a_stalled_reader_gets_every_byte_on_every_pat
             let (c_rd, mut c_wr) = TcpStream::into_split(c);
             let (mut o_rd, o_wr) = TcpStream::into_split(o);
             // After the hand-off: a socket that is no longer ESTABLISHED
-            // cannot join the sockhash, and the pair would fall back to uring.
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            // cannot join the sockhash (the pair would fall back to uring),
+            // and tcpsplice joins only an open session.
+            quiet().await;
             c_wr.shutdown().await.unwrap();
             let work = async {
                 let origin = async {
@@ -135,6 +146,18 @@ async fn a_half_closed_client_with_a_stalled_reader_gets_every_byte_on_every_pat
                 s.logs()
             );
             assert_eq!(read, LEN, "{mode:?} round {r}: read {read} of {LEN} bytes");
+        }
+        s.wait_log_count(&["closed:"], HALF_ROUNDS, Duration::from_secs(5));
+        let own = format!("datapath={}", expected_path(mode));
+        let carried = log_lines(&s, &["closed:", &own]);
+        if mode != Mode::Sockmap {
+            // (On sockmap a round may fall back to uring; checked below.)
+            assert_eq!(
+                carried,
+                HALF_ROUNDS,
+                "{mode:?}: not every round on its path:\n{}",
+                s.logs()
+            );
         }
         if mode == Mode::Sockmap {
             s.wait_log_count(&["closed:"], HALF_ROUNDS, Duration::from_secs(5));
