@@ -1,14 +1,14 @@
 //! Configuration: a TOML file, the built-in default, or flags.
 //!
 //! ```toml
-//! datapath = "auto"            # auto | sockmap | uring | userspace
+//! datapath = "auto"            # auto | tcpsplice | sockmap | uring | userspace
 //! workers = 2                  # worker threads (default: one per CPU)
 //!
 //! [limits]
 //! max_buffer_per_direction = 33554432  # bytes held in the proxy per direction
 //! sockmap_max_queued = 268435456       # sockmap: hard limit (reset) if user space is too late (>= max_buffer_per_direction)
 //! sockmap_max_connections = 32768      # sockmap: more connections fall back to uring
-//! promote_after_ms = 200               # sockmap, uring: user space first, the chosen path once this old and idle
+//! promote_after_ms = 200               # tcpsplice, sockmap, uring: user space first, the chosen path once this old and idle
 //!
 //! [timeouts]
 //! handshake_ms = 10000         # client must send its request head within this
@@ -109,9 +109,10 @@ pub struct Limits {
     /// How many connections the sockmap path carries at once; the next ones
     /// fall back to the next path (uring, then userspace), with a log line.
     pub sockmap_max_connections: u32,
-    /// On the sockmap and uring paths, a connection starts in the
+    /// On the tcpsplice, sockmap and uring paths, a connection starts in the
     /// user-space relay and joins the chosen path once it is this old and
-    /// both directions are idle at the same moment; 0 joins at the 101.
+    /// both directions are idle at the same moment; 0 joins at the 101
+    /// (tcpsplice: at the first idle moment).
     /// Joining and leaving the maps costs about 125-155 CPU-µs per session
     /// (W4 in `cargo xtask bench`), and a session on uring cost 1.26x
     /// nginx's proxy CPU against 1.10x once promoted: more than a short

@@ -28,8 +28,8 @@ struct Cli {
     /// Data path after the 101 (overrides the config file).
     #[arg(long, value_enum)]
     datapath: Option<DataPathChoice>,
-    /// On the sockmap and uring paths, join the chosen path once a
-    /// connection is this old and idle; 0 at the 101 (overrides
+    /// On the tcpsplice, sockmap and uring paths, join the chosen path once
+    /// a connection is this old and idle; 0 at the 101 (overrides
     /// `limits.promote_after_ms`).
     #[arg(long, alias = "sockmap-promote-after-ms")]
     promote_after_ms: Option<u64>,

@@ -27,7 +27,7 @@ enum Cmd {
     Build,
     /// Start a demo echo origin and Sluice in front of it on 127.0.0.1:8080.
     Run {
-        /// Data path: auto, sockmap, uring or userspace.
+        /// Data path: auto, tcpsplice, sockmap, uring or userspace.
         #[arg(long, default_value = "auto")]
         datapath: String,
         /// Extra arguments passed to `sluice`.

@@ -2,32 +2,36 @@
 //!
 //! | path | needs | how |
 //! |---|---|---|
+//! | `tcpsplice` | Linux 6.6+ (TCX), CAP_BPF + CAP_NET_ADMIN (or root), client and origin on this host (IPv4) | once idle, a tc program joins the two TCP connections at the packet level: the proxy's sockets leave the byte path ([`tcpsplice`]) |
 //! | `sockmap` | Linux 5.19+, CAP_BPF + CAP_NET_ADMIN (or root) | eBPF sk_skb verdict redirects socket to socket |
 //! | `uring` | Linux 5.11+ (5.19+ for `COOP_TASKRUN`, 5.7+ for splices), io_uring not disabled | each worker's io_uring runtime; read/write, or while a direction streams, `IORING_OP_SPLICE` through a pooled pipe in chains an io-wq worker runs |
 //! | `userspace` | anything (`splice`: Linux 2.6.17+) | tokio; a read into the worker's scratch buffer, or `splice` through a pooled pipe while a direction streams |
 //!
-//! `auto` takes `userspace`: in `cargo xtask bench` (bench/results/, runs
-//! E to G in the harness's own namespace) it moved bulk fastest (one way
-//! 0.67-0.73x direct, both ways 0.57-0.67x, against 0.54-0.67x and
-//! 0.48-0.55x on uring and 0.63-0.72x and 0.52-0.57x on sockmap) at the
+//! `auto` takes `tcpsplice` when it loads, and `userspace` otherwise (and
+//! says why in the ready line). In `cargo xtask bench` a spliced session
+//! cost what a direct connection costs: W2 at 1,000 × 64 B ran at direct's
+//! rate, 2.4× nginx's, adding 1.3 CPU-µs per message over direct against
+//! nginx's 35. Sessions it cannot join (too short, busy both ways without
+//! a pause, a peer on another host) stay in the user-space relay, which is
+//! what `auto` ran before. Of the rest, `userspace` moved bulk fastest
+//! (one way 0.67-0.73x direct, both ways 0.57-0.67x, against 0.54-0.67x
+//! and 0.48-0.55x on uring and 0.63-0.72x and 0.52-0.57x on sockmap) at the
 //! least CPU per MiB (410-430 µs against 420-518), and ran handshakes and
-//! echoes within the noise of the others. (Those uring figures predate its
-//! splices; see [`uring`] for what they changed.) It still probes io_uring and
-//! says in its log line whether it is available. `sockmap` bulk falls
-//! behind and moves to user space within 16 MiB; it costs more per new
-//! session when sessions join the maps at the 101 (449-488 against 324-332
-//! CPU-µs, an earlier run), and ran 0.81-1.03x userspace at 100 and 1,000
-//! echo connections;
-//! choose it explicitly. On `sockmap` and `uring`, a connection starts in
-//! the user-space relay and joins the chosen path once it is
-//! `limits.promote_after_ms` old and idle both ways
-//! ([`userspace::relay_until_idle`]), so short sessions cost what they cost
-//! on `userspace`: joining costs more than they spend relaying (W4, quick
-//! runs side by side with nginx, 4 alternating rounds of 3 repetitions:
-//! uring from the 101 ran 0.81x nginx's sessions/s at 1.26x its proxy
-//! CPU per session, uring after promotion 0.87x at 1.10x; medians). A
-//! connection that cannot join the chosen path falls back to the next
-//! (sockmap, then uring, then userspace).
+//! echoes within the noise of the others (runs E to G; the uring figures
+//! predate its splices, see [`uring`]). `sockmap` bulk falls behind and
+//! moves to user space within 16 MiB; it costs more per new session when
+//! sessions join the maps at the 101 (449-488 against 324-332 CPU-µs, an
+//! earlier run), and ran 0.81-1.03x userspace at 100 and 1,000 echo
+//! connections; choose it explicitly. On `tcpsplice`, `sockmap` and
+//! `uring`, a connection starts in the user-space relay and joins the
+//! chosen path once it is `limits.promote_after_ms` old and idle both ways
+//! ([`userspace::relay_until_idle`]), so short sessions cost what they
+//! cost on `userspace`: joining costs more than they spend relaying (W4,
+//! quick runs side by side with nginx, 4 alternating rounds of 3
+//! repetitions: uring from the 101 ran 0.81x nginx's sessions/s at 1.26x
+//! its proxy CPU per session, uring after promotion 0.87x at 1.10x;
+//! medians). A connection that cannot join the chosen path falls back to
+//! the next (sockmap, then uring, then userspace; tcpsplice to userspace).
 
 mod pipe;
 mod shared_map;
@@ -50,7 +54,7 @@ use crate::config::Limits;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum DataPathChoice {
-    /// Probe and take the best available.
+    /// Probe and take the best available: tcpsplice, else userspace.
     #[default]
     Auto,
     /// eBPF sockmap redirection in the kernel.
@@ -200,13 +204,12 @@ impl DataPaths {
         } else {
             None
         };
-        let tcpsplice = if choice == DataPathChoice::Tcpsplice {
-            Some(
-                tcpsplice::TcpSplice::load()
-                    .map_err(|e| format!("datapath tcpsplice is not available: {e}"))?,
-            )
-        } else {
-            None
+        // Chosen, or `auto`'s first choice when it can load.
+        let tcpsplice = match choice {
+            DataPathChoice::Tcpsplice => Ok(tcpsplice::TcpSplice::load()
+                .map_err(|e| format!("datapath tcpsplice is not available: {e}"))?),
+            DataPathChoice::Auto => tcpsplice::TcpSplice::load().map_err(|e| first_line(&e)),
+            _ => Err("not wanted".to_string()),
         };
         // The uring relay runs when it is chosen, or as sockmap's fallback.
         let uring = match choice {
@@ -224,19 +227,29 @@ impl DataPaths {
         }
         let (primary, why) = match choice {
             DataPathChoice::Sockmap => (DataPath::Sockmap, "configured sockmap".to_string()),
-            DataPathChoice::Auto => {
-                let uring_state = match uring::probe() {
-                    Ok(_) => "available".to_string(),
-                    Err(e) => format!("unavailable: {e}"),
-                };
-                (
-                    DataPath::Userspace,
-                    format!(
-                        "auto: userspace measured fastest (cargo xtask bench); io_uring \
-                         {uring_state}, opt-in; sockmap opt-in (more CPU per MiB and per session)"
-                    ),
-                )
-            }
+            DataPathChoice::Auto => match &tcpsplice {
+                Ok(_) => (
+                    DataPath::Tcpsplice,
+                    "auto: tcpsplice measured fastest (cargo xtask bench); sessions whose \
+                     client and origin are on this host join once idle, others stay in user \
+                     space"
+                        .to_string(),
+                ),
+                Err(e) => {
+                    let uring_state = match uring::probe() {
+                        Ok(_) => "available".to_string(),
+                        Err(e) => format!("unavailable: {e}"),
+                    };
+                    (
+                        DataPath::Userspace,
+                        format!(
+                            "auto: tcpsplice is not available ({e}); userspace measured \
+                             fastest of the rest (cargo xtask bench); io_uring {uring_state}, \
+                             opt-in; sockmap opt-in (more CPU per MiB and per session)"
+                        ),
+                    )
+                }
+            },
             DataPathChoice::Uring => (DataPath::Uring, "configured uring".to_string()),
             DataPathChoice::Userspace => (DataPath::Userspace, "configured userspace".to_string()),
             DataPathChoice::Tcpsplice => (
@@ -251,7 +264,7 @@ impl DataPaths {
             why,
             sockmap,
             uring: uring.ok(),
-            tcpsplice,
+            tcpsplice: tcpsplice.ok(),
             promote_after: std::time::Duration::from_millis(limits.promote_after_ms),
         })
     }
@@ -356,8 +369,9 @@ impl DataPaths {
                 }
                 Err(tcpsplice::NotJoined::Later(p)) => {
                     pair = p;
-                    // Bytes moved at the last moment: a chatty session
-                    // tries less and less often, up to once a second.
+                    // Bytes moved at the last moment: a busy session tries
+                    // less and less often, down to ten times a second (most
+                    // such tries end at the first look: six ioctls).
                     backoff = (backoff * 2).clamp(SPLICE_RETRY_MIN, SPLICE_RETRY_MAX);
                     wait = backoff;
                 }
@@ -374,7 +388,14 @@ impl DataPaths {
     }
 }
 
+/// The first line of an error, for a log line (a verifier's output can run
+/// to thousands).
+fn first_line(e: &impl std::fmt::Display) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_string()
+}
+
 /// The first wait before a session whose bytes moved tries to splice again.
 const SPLICE_RETRY_MIN: std::time::Duration = std::time::Duration::from_millis(10);
-/// The longest wait between two tries.
-const SPLICE_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(1);
+/// The longest wait between two tries: a session that paused for longer
+/// (a quarter of a second, say, after a burst) is tried within it.
+const SPLICE_RETRY_MAX: std::time::Duration = std::time::Duration::from_millis(100);
