@@ -109,6 +109,11 @@ pub async fn serve_client(
     local: bool,
 ) {
     let t = &ctx.cfg.timeouts;
+    if ctx.paths.bound_after_handshake() {
+        // The listener left them alone, so the handshake announced the
+        // window scale of an unbounded socket (see `DataPaths`).
+        crate::sockopt::bound_buffers(client.as_fd(), ctx.cfg.limits.max_buffer_per_direction);
+    }
     let mut buf = vec![0u8; FIRST_READ];
     // Phase: handshake.
     let read = tokio::time::timeout(t.handshake(), read_request(&mut client, &mut buf, peer)).await;
@@ -485,7 +490,16 @@ async fn connect(addr: SocketAddr, ctx: &ListenerCtx) -> std::io::Result<TcpStre
     } else {
         TcpSocket::new_v6()?
     };
-    crate::sockopt::bound_buffers(sock.as_fd(), ctx.cfg.limits.max_buffer_per_direction);
+    let bound = ctx.cfg.limits.max_buffer_per_direction;
+    let after = ctx.paths.bound_after_handshake();
+    if !after {
+        crate::sockopt::bound_buffers(sock.as_fd(), bound);
+    }
     sock.set_nodelay(true)?;
-    sock.connect(addr).await
+    let s = sock.connect(addr).await?;
+    if after {
+        // See `DataPaths::bound_after_handshake`.
+        crate::sockopt::bound_buffers(s.as_fd(), bound);
+    }
+    Ok(s)
 }

@@ -47,6 +47,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .max(1);
+    // Accepted sockets inherit the listener's buffer sizes, unless the path
+    // wants them set after the handshake.
+    let listener_bound =
+        (!paths.bound_after_handshake()).then_some(cfg.limits.max_buffer_per_direction);
     // Bind every listener here, so errors surface before the ready line.
     let mut first: Vec<(std::net::TcpListener, Arc<ListenerCtx>)> = Vec::new();
     for l in &cfg.listeners {
@@ -54,8 +58,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             addr: l.listen,
             source,
         };
-        let tl =
-            bind(l.listen, cfg.limits.max_buffer_per_direction, l.reuse_port).map_err(bind_err)?;
+        let tl = bind(l.listen, listener_bound, l.reuse_port).map_err(bind_err)?;
         // Armed before any worker accepts on it (sockmap's safe detach).
         let port = tl.local_addr().map_err(bind_err)?.port();
         paths.serve_port(port).map_err(ServerError::DataPath)?;
@@ -73,8 +76,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             let copy = if l.reuse_port {
                 // Its own socket in the same reuseport group: the address is
                 // the one the first socket got (port 0 resolved).
-                tl.local_addr()
-                    .and_then(|a| bind(a, cfg.limits.max_buffer_per_direction, true))
+                tl.local_addr().and_then(|a| bind(a, listener_bound, true))
             } else {
                 tl.try_clone()
             }
@@ -138,7 +140,13 @@ fn raise_fd_limit() -> u64 {
     hard.max(soft)
 }
 
-fn bind(addr: SocketAddr, bound: u64, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
+/// A listening socket; with `bound`, its buffers (which accepted sockets
+/// inherit) are sized for that per-direction bound.
+fn bind(
+    addr: SocketAddr,
+    bound: Option<u64>,
+    reuse_port: bool,
+) -> std::io::Result<std::net::TcpListener> {
     let s = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
@@ -151,7 +159,9 @@ fn bind(addr: SocketAddr, bound: u64, reuse_port: bool) -> std::io::Result<std::
     s.set_nonblocking(true)?;
     // Accepted sockets inherit the buffer sizes (and with them the window
     // scale) and TCP_NODELAY: no per-connection setsockopt for either.
-    crate::sockopt::bound_buffers(s.as_fd(), bound);
+    if let Some(bound) = bound {
+        crate::sockopt::bound_buffers(s.as_fd(), bound);
+    }
     s.set_nodelay(true)?;
     s.bind(&addr.into())?;
     s.listen(4096)?;
@@ -267,14 +277,14 @@ mod tests {
 
     #[test]
     fn a_second_bind_fails_unless_both_reuse_the_port() {
-        let first = bind("127.0.0.1:0".parse().unwrap(), 1 << 20, false).unwrap();
+        let first = bind("127.0.0.1:0".parse().unwrap(), Some(1 << 20), false).unwrap();
         let addr = first.local_addr().unwrap();
-        let err = bind(addr, 1 << 20, false).unwrap_err();
+        let err = bind(addr, Some(1 << 20), false).unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
 
-        let a = bind("127.0.0.1:0".parse().unwrap(), 1 << 20, true).unwrap();
+        let a = bind("127.0.0.1:0".parse().unwrap(), Some(1 << 20), true).unwrap();
         let addr = a.local_addr().unwrap();
-        let b = bind(addr, 1 << 20, true).expect("a reuseport group takes a second socket");
+        let b = bind(addr, Some(1 << 20), true).expect("a reuseport group takes a second socket");
         assert_eq!(b.local_addr().unwrap(), addr);
         // One socket of the group still accepts: connect and take it.
         drop(b);

@@ -269,6 +269,18 @@ impl DataPaths {
         })
     }
 
+    /// Whether sockets get their buffer bound only after the TCP handshake
+    /// (tcpsplice), not before it. A receive buffer set before the handshake
+    /// caps the window scale the socket announces (7 for the default bound,
+    /// against 10 for a socket left to autotuning here), and a spliced
+    /// session passes the peers' windows through that scale: the origin's
+    /// window, clamped to 8 MiB for the client, held one-way bulk to a third
+    /// of a direct connection's rate (the sender was receive-window-limited
+    /// 66% of its busy time, `ss -ti` in the bench's namespace).
+    pub fn bound_after_handshake(&self) -> bool {
+        self.primary == DataPath::Tcpsplice
+    }
+
     /// Whether worker threads should run tokio-uring runtimes: io_uring is
     /// this daemon's primary path or sockmap's fallback, and it probed fine.
     pub fn uring_on_workers(&self) -> bool {
