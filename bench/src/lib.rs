@@ -146,9 +146,10 @@ impl Plan {
 }
 
 /// Every target, in the order of the tables.
-pub const ALL: [Kind; 7] = [
+pub const ALL: [Kind; 8] = [
     Kind::Direct,
     Kind::Sluice("sockmap"),
+    Kind::Sluice("tcpsplice"),
     Kind::Sluice("uring"),
     Kind::Sluice("userspace"),
     Kind::Nginx,
@@ -179,9 +180,13 @@ pub fn run(opts: &Opts) -> Result<String, String> {
         kinds.retain(|x| *x != k);
     }
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 && kinds.contains(&Kind::Sluice("sockmap")) {
-        notes.push("sluice-sockmap: left out, loading eBPF needs root".into());
-        kinds.retain(|x| *x != Kind::Sluice("sockmap"));
+    if unsafe { libc::geteuid() } != 0 {
+        for path in ["sockmap", "tcpsplice"] {
+            if kinds.contains(&Kind::Sluice(path)) {
+                notes.push(format!("sluice-{path}: left out, loading eBPF needs root"));
+                kinds.retain(|x| *x != Kind::Sluice(path));
+            }
+        }
     }
     // Both the proxy and this process (client and origin ends) hold two fds
     // per connection.
@@ -334,7 +339,7 @@ pub fn run(opts: &Opts) -> Result<String, String> {
                 let after = t.log_counts(CLOSED);
                 let [behind, half_closed, closed, in_user_space]: [usize; 4] =
                     std::array::from_fn(|i| after[i].saturating_sub(before[i]));
-                let promoting = matches!(t.kind, Kind::Sluice("sockmap" | "uring"));
+                let promoting = matches!(t.kind, Kind::Sluice("sockmap" | "uring" | "tcpsplice"));
                 if promoting && in_user_space > 0 {
                     let key = format!("{} {} {case}", t.kind.name(), w.title());
                     let e = stayed.entry(key).or_insert((0, 0));

@@ -83,7 +83,11 @@ async fn serve(mut s: TcpStream) -> Result<(), String> {
     } else if let Some(q) = req.path.strip_prefix("/bulk?n=") {
         let n: u64 = q.parse().map_err(|_| "bad n")?;
         let (r, mut w) = s.into_split();
+        // The client says when: a session that settled first (see
+        // `load::SETTLE`) streams only then.
+        let (go, start) = tokio::sync::oneshot::channel::<()>();
         let sender = tokio::spawn(async move {
+            start.await.ok()?;
             let mut frame = Vec::with_capacity(CHUNK + 14);
             let mut payload = vec![0u8; CHUNK];
             ws::Prng::new(n).fill(&mut payload);
@@ -100,10 +104,10 @@ async fn serve(mut s: TcpStream) -> Result<(), String> {
             }
             Some(w)
         });
-        sink(r, ahead, sender).await
+        sink(r, ahead, sender, Some(go)).await
     } else {
         let (r, w) = s.into_split();
-        sink(r, ahead, tokio::spawn(async move { Some(w) })).await
+        sink(r, ahead, tokio::spawn(async move { Some(w) }), None).await
     }
 }
 
@@ -140,10 +144,13 @@ async fn echo(mut s: TcpStream, ahead: Vec<u8>) -> Result<(), String> {
     }
 }
 
+/// Reads and counts what the client sends; answers `done` with the count.
+/// A `start` text frame lets `go` (the bulk sender) begin.
 async fn sink(
     mut r: tokio::net::tcp::OwnedReadHalf,
     ahead: Vec<u8>,
     sender: tokio::task::JoinHandle<Option<tokio::net::tcp::OwnedWriteHalf>>,
+    mut go: Option<tokio::sync::oneshot::Sender<()>>,
 ) -> Result<(), String> {
     let mut p = Parser::default();
     let mut buf = vec![0u8; READ_BUF];
@@ -154,6 +161,12 @@ async fn sink(
     loop {
         for f in kept.drain(..) {
             let reply = match f.opcode {
+                op::TEXT if f.payload == b"start" => {
+                    if let Some(go) = go.take() {
+                        let _ = go.send(());
+                    }
+                    continue;
+                }
                 op::TEXT if f.payload == b"done" => {
                     ws::frame(op::TEXT, format!("got {}", p.binary_bytes).as_bytes(), None)
                 }

@@ -394,10 +394,12 @@ pub fn write(
     let _ = writeln!(md, "\n## Against the targets\n");
     let _ = writeln!(
         md,
-        "| check | target | sockmap | uring | userspace |\n|---|---|---|---|---|"
+        "| check | target | {} |\n|---|---|{}",
+        SLUICE_PATHS.join(" | "),
+        "---|".repeat(SLUICE_PATHS.len())
     );
     for (check, goal, f) in checks(&t, &idle_case, &hs_case, &echo_cases) {
-        let cells: Vec<String> = ["sockmap", "uring", "userspace"]
+        let cells: Vec<String> = SLUICE_PATHS
             .iter()
             .map(|p| f(&format!("sluice-{p}")))
             .collect();
@@ -496,6 +498,9 @@ pub fn write(
     std::fs::write(&path, json + "\n").map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(md)
 }
+
+/// Sluice's data paths, as the targets table's columns.
+const SLUICE_PATHS: [&str; 4] = ["tcpsplice", "sockmap", "uring", "userspace"];
 
 /// Every repetition's metrics (or its error), in the order they ran, for
 /// comparing runs beyond the medians.
