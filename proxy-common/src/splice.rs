@@ -16,6 +16,15 @@
 pub const MAP_FLOWS: &str = "FLOWS";
 /// Name of the mmapable array of [`SpliceConn`].
 pub const MAP_SPLICES: &str = "SPLICES";
+/// Name of the per-CPU array of packet counters ([`STAT_REWRITTEN`], ...).
+pub const MAP_SPLICE_STATS: &str = "SPLICE_STATS";
+/// `SPLICE_STATS` index: packets rewritten.
+pub const STAT_REWRITTEN: u32 = 0;
+/// `SPLICE_STATS` index: packets dropped because their rewrite failed
+/// half-way (a helper error); TCP sends them again.
+pub const STAT_FAILED: u32 = 1;
+/// Entries of `SPLICE_STATS`.
+pub const STATS_LEN: u32 = 2;
 /// Name of the ring buffer of [`SpliceEvent`]s.
 pub const MAP_SPLICE_EVENTS: &str = "SPLICE_EVENTS";
 /// Name of the tc classifier.

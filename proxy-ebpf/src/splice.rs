@@ -29,12 +29,13 @@ use aya_ebpf::{
     cty::c_void,
     helpers::{bpf_ktime_get_ns, bpf_loop, bpf_skb_load_bytes},
     macros::{classifier, map},
-    maps::{Array, HashMap, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::TcContext,
 };
 use proxy_common::splice::{
     FlowKey, FlowRef, SpliceConn, SpliceEvent, SpliceEventKind, SpliceSide, FLAGS_DONE, FLAG_FIN,
     FLAG_FIN_ACKED, FLAG_RST, GATE_ARMED, GATE_OBSERVE, GATE_SPLICED, GATE_STATE, MAX_SPLICES,
+    STATS_LEN, STAT_FAILED, STAT_REWRITTEN,
 };
 
 #[map(name = "FLOWS")]
@@ -42,6 +43,9 @@ static FLOWS: HashMap<FlowKey, FlowRef> = HashMap::with_max_entries(MAX_SPLICES 
 
 #[map(name = "SPLICES")]
 static SPLICES: Array<SpliceConn> = Array::with_max_entries(MAX_SPLICES, BPF_F_MMAPABLE);
+
+#[map(name = "SPLICE_STATS")]
+static SPLICE_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0);
 
 #[map(name = "SPLICE_EVENTS")]
 static SPLICE_EVENTS: RingBuf = RingBuf::with_byte_size(256 << 10, 0);
@@ -235,46 +239,30 @@ fn try_splice(ctx: &TcContext) -> Result<i32, i64> {
         )
     };
 
-    // Addresses: the IP checksum and the TCP pseudo-header.
-    ctx.store(IP_SADDR, &new_saddr, 0)?;
-    ctx.l3_csum_replace(IP_CSUM, u64::from(saddr), u64::from(new_saddr), 4)?;
-    ctx.l4_csum_replace(
-        t + 16,
-        u64::from(saddr),
-        u64::from(new_saddr),
-        BPF_F_PSEUDO_HDR | 4,
-    )?;
-    ctx.store(IP_DADDR, &new_daddr, 0)?;
-    ctx.l3_csum_replace(IP_CSUM, u64::from(daddr), u64::from(new_daddr), 4)?;
-    ctx.l4_csum_replace(
-        t + 16,
-        u64::from(daddr),
-        u64::from(new_daddr),
-        BPF_F_PSEUDO_HDR | 4,
-    )?;
-    put32(ctx, t, t, ports, new_ports)?;
-
-    put32(
-        ctx,
-        t,
-        t + 4,
-        seq.to_be(),
-        seq.wrapping_add(seq_delta).to_be(),
-    )?;
     // In the other peer's own sequence space.
     let ack_mapped = ack.wrapping_add(ack_delta);
-    if th & TH_ACK != 0 {
-        put32(ctx, t, t + 8, ack.to_be(), ack_mapped.to_be())?;
+    let rw = Rewrite {
+        t,
+        th,
+        saddr,
+        daddr,
+        ports,
+        seq,
+        ack,
+        ack_mapped,
+        new: (new_saddr, new_daddr, new_ports),
+        seq_delta,
+        shifts: (shift_in, shift_out),
+    };
+    if rewrite(ctx, &rw).is_err()
+        || (doff > 20 && options(ctx, t, doff, me, peer, ts_on != 0, ack_delta, snap_ns).is_err())
+    {
+        // Half rewritten, it would reach a socket as somebody else's
+        // segment; dropped, its sender sends it again.
+        stat(STAT_FAILED);
+        return Ok(TC_ACT_SHOT as i32);
     }
-    let win: u16 = ctx.load(t + 14)?;
-    let new_win = rescale(u16::from_be(win), shift_in, shift_out).to_be();
-    if new_win != win {
-        ctx.store(t + 14, &new_win, 0)?;
-        ctx.l4_csum_replace(t + 16, u64::from(win), u64::from(new_win), 2)?;
-    }
-    if doff > 20 {
-        options(ctx, t, doff, me, peer, ts_on != 0, ack_delta, snap_ns)?;
-    }
+    stat(STAT_REWRITTEN);
 
     // The kernel-written fields are accessed atomically: two CPUs may
     // carry packets of one flow at once.
@@ -314,6 +302,68 @@ fn try_splice(ctx: &TcContext) -> Result<i32, i64> {
         }
     }
     Ok(TC_ACT_OK as i32)
+}
+
+/// What a rewrite changes in the headers.
+struct Rewrite {
+    /// Offset of the TCP header, and its flags.
+    t: usize,
+    th: u8,
+    /// The header's own addresses and ports (as in the header).
+    saddr: u32,
+    daddr: u32,
+    ports: u32,
+    /// `seq` and `ack` (host order), and `ack` in the other peer's space.
+    seq: u32,
+    ack: u32,
+    ack_mapped: u32,
+    /// New addresses and ports (as in the header).
+    new: (u32, u32, u32),
+    seq_delta: u32,
+    /// Window scales: (this peer's, the other peer's for it).
+    shifts: (u32, u32),
+}
+
+/// Rewrites addresses, ports, `seq`, `ack` and window, with the IP
+/// checksum and the TCP pseudo-header and checksum.
+#[inline(always)]
+fn rewrite(ctx: &TcContext, r: &Rewrite) -> Result<(), i64> {
+    let t = r.t;
+    let (new_saddr, new_daddr, new_ports) = r.new;
+    ctx.store(IP_SADDR, &new_saddr, 0)?;
+    ctx.l3_csum_replace(IP_CSUM, u64::from(r.saddr), u64::from(new_saddr), 4)?;
+    ctx.l4_csum_replace(
+        t + 16,
+        u64::from(r.saddr),
+        u64::from(new_saddr),
+        BPF_F_PSEUDO_HDR | 4,
+    )?;
+    ctx.store(IP_DADDR, &new_daddr, 0)?;
+    ctx.l3_csum_replace(IP_CSUM, u64::from(r.daddr), u64::from(new_daddr), 4)?;
+    ctx.l4_csum_replace(
+        t + 16,
+        u64::from(r.daddr),
+        u64::from(new_daddr),
+        BPF_F_PSEUDO_HDR | 4,
+    )?;
+    put32(ctx, t, t, r.ports, new_ports)?;
+    put32(
+        ctx,
+        t,
+        t + 4,
+        r.seq.to_be(),
+        r.seq.wrapping_add(r.seq_delta).to_be(),
+    )?;
+    if r.th & TH_ACK != 0 {
+        put32(ctx, t, t + 8, r.ack.to_be(), r.ack_mapped.to_be())?;
+    }
+    let win: u16 = ctx.load(t + 14)?;
+    let new_win = rescale(u16::from_be(win), r.shifts.0, r.shifts.1).to_be();
+    if new_win != win {
+        ctx.store(t + 14, &new_win, 0)?;
+        ctx.l4_csum_replace(t + 16, u64::from(win), u64::from(new_win), 2)?;
+    }
+    Ok(())
 }
 
 /// Records a packet that passes to the proxy's socket while the session is
@@ -568,6 +618,15 @@ fn load(p: *const u64) -> u64 {
     // SAFETY: callers pass pointers into array elements, which stay valid
     // and aligned; a u64 load is single-copy atomic.
     unsafe { core::ptr::read_volatile(p) }
+}
+
+/// Counts one packet in `SPLICE_STATS` (per CPU: no atomics needed).
+#[inline(always)]
+fn stat(i: u32) {
+    if let Some(c) = SPLICE_STATS.get_ptr_mut(i) {
+        // SAFETY: this CPU's own element, valid for the program's run.
+        unsafe { *c += 1 };
+    }
 }
 
 /// Atomic add, returning the old value (BPF_FETCH, v3).

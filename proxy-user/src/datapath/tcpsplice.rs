@@ -308,6 +308,15 @@ impl TcpSplice {
         if unacked[0] != 0 && unacked[1] != 0 {
             return Err(Snap::Moved("both sockets wait for acknowledgments"));
         }
+        // A delayed ACK still pending would be the frozen socket's own
+        // output after the flip, and dropped; its peer, whose bytes the
+        // other peer acknowledged to the proxy before the join, would then
+        // retransmit on its timer. Sent now, while the session is observed.
+        for fd in [c, og] {
+            socket2::SockRef::from(&fd)
+                .set_quickack(true)
+                .map_err(|e| Snap::Failed(format!("TCP_QUICKACK: {e}")))?;
+        }
         let (ci, oi) = (
             info(c).map_err(Snap::Failed)?,
             info(og).map_err(Snap::Failed)?,
@@ -414,6 +423,7 @@ impl TcpSplice {
     /// The session is spliced: waits for its end, then tears it down.
     async fn spliced(&self, pair: Pair, o: Observation, acct: &Accounting) -> CloseReason {
         let slot = o.slot;
+        let frozen = Frozen { pair, obs: o };
         let before = acct.totals();
         let notify = Arc::new(Notify::new());
         lock(&self.waiting).insert(slot, notify.clone());
@@ -443,20 +453,37 @@ impl TcpSplice {
         } else {
             Duration::ZERO
         };
-        // The sockets and then the flows go after the linger, in a task of
-        // their own. In repair mode, closing a socket sends nothing; until
-        // the flows go, anything the frozen sockets send is dropped.
+        // The sockets and the flows go after the linger, in a task of
+        // their own.
         tokio::spawn(async move {
             tokio::time::sleep(linger).await;
-            for fd in [pair.client.as_fd(), pair.origin.as_fd()] {
-                if let Err(e) = sockopt::set_repair(fd, true) {
-                    tracing::warn!("a spliced socket closes outside repair mode: {e}");
-                }
-            }
-            drop(pair);
-            drop(o);
+            drop(frozen);
         });
         reason
+    }
+}
+
+/// A spliced session's frozen sockets and its flows. Dropped, however the
+/// session ends (the daemon stopping too), it closes the sockets in repair
+/// mode, which sends nothing (a FIN of theirs would carry stale sequence
+/// numbers), and only then takes the flows out: until they go, whatever
+/// the sockets send is dropped.
+struct Frozen {
+    /// Dropped first (fields drop in order).
+    pair: Pair,
+    obs: Observation,
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        for fd in [self.pair.client.as_fd(), self.pair.origin.as_fd()] {
+            if let Err(e) = sockopt::set_repair(fd, true) {
+                tracing::warn!(
+                    slot = self.obs.slot,
+                    "a spliced socket closes outside repair mode: {e}"
+                );
+            }
+        }
     }
 }
 
@@ -548,7 +575,12 @@ impl Ends {
     fn of(pair: &Pair) -> Result<Ends, String> {
         let v4 = |a: io::Result<SocketAddr>| match a {
             Ok(SocketAddr::V4(a)) => Ok(a),
-            Ok(SocketAddr::V6(a)) => Err(format!("{a} is IPv6 (tcpsplice is IPv4 only)")),
+            // A dual-stack listener sees IPv4 clients this way; their
+            // packets are IPv4.
+            Ok(SocketAddr::V6(a)) => match a.ip().to_ipv4_mapped() {
+                Some(ip) => Ok(SocketAddrV4::new(ip, a.port())),
+                None => Err(format!("{a} is IPv6 (tcpsplice is IPv4 only)")),
+            },
             Err(e) => Err(format!("socket address: {e}")),
         };
         Ok(Ends {

@@ -8,7 +8,7 @@
 
 use std::net::SocketAddrV4;
 
-use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use aya::Ebpf;
 use proxy_common::splice::*;
@@ -29,6 +29,7 @@ const T: usize = 14 + 20;
 
 struct Prog {
     ebpf: Ebpf,
+    stats: PerCpuArray<MapData, u64>,
     flows: BpfHashMap<MapData, FlowKey, FlowRef>,
     conns: SharedArray<SpliceConn>,
     events: RingBuf<MapData>,
@@ -49,8 +50,10 @@ impl Prog {
             .unwrap()
             .try_into()
             .unwrap();
+        let stats = ebpf.take_map(MAP_SPLICE_STATS).unwrap().try_into().unwrap();
         Some(Prog {
             ebpf,
+            stats,
             flows,
             conns,
             events,
@@ -83,6 +86,11 @@ impl Prog {
             self.flows.insert(k, FlowRef { slot, side }, 0).unwrap();
         }
         self.conns.reset(slot, gate);
+    }
+
+    /// A packet counter, summed over the CPUs.
+    fn stat(&self, i: u32) -> u64 {
+        self.stats.get(&i, 0).unwrap().iter().sum()
     }
 
     /// The next ring record: (slot, kind).
@@ -365,6 +373,8 @@ fn a_spliced_session_is_rewritten_both_ways_with_valid_checksums() {
     });
     let (verdict, out) = p.run(&stranger);
     assert_eq!((verdict, &out), (TC_ACT_UNSPEC, &stranger));
+    assert_eq!(p.stat(STAT_REWRITTEN), 4, "four packets rewritten");
+    assert_eq!(p.stat(STAT_FAILED), 0);
 }
 
 #[test]
