@@ -1,5 +1,5 @@
 //! The benchmark harness behind `cargo xtask bench`: a direct connection,
-//! Sluice's three data paths, nginx, HAProxy and Caddy side by side, against
+//! Sluice's four data paths, nginx, HAProxy and Caddy side by side, against
 //! one origin and one load generator, all in this process's control.
 //!
 //! | module | job |

@@ -9,7 +9,7 @@
 //! | **route** | the listener's origin | an address |
 //! | **connect** | TCP connect (`timeouts.origin_connect_ms`) | a socket, or 502 (refused) / 504 (timeout) |
 //! | **upgrade** | sends the request, reads the answer (`timeouts.origin_response_ms`), [`handshake::check_response`] | the 101 relayed as sent; a non-101 relayed with its body, then close; 502/504 |
-//! | **hand-off** | both sockets and the bytes read past each head; [`DataPaths::relay`] | bytes flow on a data path |
+//! | **hand-off** | both sockets and the bytes read past each head; [`DataPaths::relay`] | bytes flow in the user-space relay; on tcpsplice, sockmap and uring the session joins that path once `limits.promote_after_ms` old and idle (tcpsplice: the two TCP connections are joined at the packet level and the proxy's sockets leave the byte path) |
 //! | **close** | the data path reports | access log line with bytes, duration, reason |
 //!
 //! Errors carry their [`Source`](crate::error::Source) and whether a retry
