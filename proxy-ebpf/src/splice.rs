@@ -330,22 +330,14 @@ struct Rewrite {
 fn rewrite(ctx: &TcContext, r: &Rewrite) -> Result<(), i64> {
     let t = r.t;
     let (new_saddr, new_daddr, new_ports) = r.new;
-    ctx.store(IP_SADDR, &new_saddr, 0)?;
-    ctx.l3_csum_replace(IP_CSUM, u64::from(r.saddr), u64::from(new_saddr), 4)?;
-    ctx.l4_csum_replace(
-        t + 16,
-        u64::from(r.saddr),
-        u64::from(new_saddr),
-        BPF_F_PSEUDO_HDR | 4,
-    )?;
-    ctx.store(IP_DADDR, &new_daddr, 0)?;
-    ctx.l3_csum_replace(IP_CSUM, u64::from(r.daddr), u64::from(new_daddr), 4)?;
-    ctx.l4_csum_replace(
-        t + 16,
-        u64::from(r.daddr),
-        u64::from(new_daddr),
-        BPF_F_PSEUDO_HDR | 4,
-    )?;
+    for (at, old, new) in [
+        (IP_SADDR, r.saddr, new_saddr),
+        (IP_DADDR, r.daddr, new_daddr),
+    ] {
+        ctx.store(at, &new, 0)?;
+        ctx.l3_csum_replace(IP_CSUM, u64::from(old), u64::from(new), 4)?;
+        ctx.l4_csum_replace(t + 16, u64::from(old), u64::from(new), BPF_F_PSEUDO_HDR | 4)?;
+    }
     put32(ctx, t, t, r.ports, new_ports)?;
     put32(
         ctx,

@@ -38,42 +38,59 @@ async fn sessions(url: &str, n: usize, concurrency: usize, pause: bool) {
     }
 }
 
+/// Up to three batches of `n` sessions, each followed by `settle`: fds must
+/// come back exactly after every batch, and one batch must end with RSS
+/// within 1% of where it started. Allocator high-water marks still move by
+/// 1-2% from one batch to the next on this shared VM, on any path; a leak
+/// grows in every batch, noise settles. Returns each batch's readings and
+/// whether one settled.
+async fn batches(
+    s: &Sluice,
+    n: usize,
+    concurrency: usize,
+    pause: bool,
+    settle: Duration,
+) -> (Vec<String>, bool) {
+    let (mode, pid) = (s.mode, s.pid());
+    let mut history = Vec::new();
+    for _ in 0..3 {
+        let (fd0, rss0) = (fd_count(pid), rss(pid));
+        assert!(fd0 > 0 && rss0 > 0, "{mode:?}: cannot read /proc/{pid}");
+        tokio::time::timeout(
+            Duration::from_secs(300),
+            sessions(&s.url(), n, concurrency, pause),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{mode:?}: sessions timed out\n{}", s.logs()));
+        tokio::time::sleep(settle).await;
+        let (fd1, rss1) = (fd_count(pid), rss(pid));
+        history.push(format!("fds {fd0} -> {fd1}, rss {rss0} -> {rss1}"));
+        assert_eq!(fd1, fd0, "{mode:?}: fds leaked: {history:?}");
+        if rss1 <= rss0 + rss0 / 100 {
+            return (history, true);
+        }
+    }
+    (history, false)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_sessions_leave_no_fds_or_memory_on_every_path() {
     let (origin, _h) = echo_origin().await;
     for mode in modes() {
         let s = Sluice::start(mode, origin);
-        let pid = s.pid();
         // Warm-up to the high-water marks (allocator, the uring buffer pool,
         // which keeps as many buffers as were ever busy at once): at twice
         // the measured concurrency, so the batches below stay within them.
         sessions(&s.url(), 20_000, 2 * CONCURRENCY, false).await;
-        let settle = || tokio::time::sleep(Duration::from_millis(1500));
-        settle().await;
-        // Allocator high-water marks still move by 1-2% from one batch to
-        // the next on this shared VM, on any path. A leak grows in every
-        // batch; noise settles. So: up to three batches of 10,000, and one
-        // of them must end within 1% of where it started (fds exactly).
-        let mut history = Vec::new();
-        let mut settled = false;
-        for _ in 0..3 {
-            let (fd0, rss0) = (fd_count(pid), rss(pid));
-            assert!(fd0 > 0 && rss0 > 0, "{mode:?}: cannot read /proc/{pid}");
-            tokio::time::timeout(
-                Duration::from_secs(300),
-                sessions(&s.url(), SESSIONS, CONCURRENCY, false),
-            )
-            .await
-            .unwrap_or_else(|_| panic!("{mode:?}: sessions timed out\n{}", s.logs()));
-            settle().await;
-            let (fd1, rss1) = (fd_count(pid), rss(pid));
-            history.push(format!("fds {fd0} -> {fd1}, rss {rss0} -> {rss1}"));
-            assert_eq!(fd1, fd0, "{mode:?}: fds leaked: {history:?}");
-            if rss1 <= rss0 + rss0 / 100 {
-                settled = true;
-                break;
-            }
-        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let (history, settled) = batches(
+            &s,
+            SESSIONS,
+            CONCURRENCY,
+            false,
+            Duration::from_millis(1500),
+        )
+        .await;
         eprintln!("leaks {mode:?}: {history:?}");
         assert!(settled, "{mode:?}: RSS grew in every batch: {history:?}");
         let closed = s.logs().matches("closed: closed").count();
@@ -95,32 +112,13 @@ async fn joined_sessions_leave_no_fds_or_memory_on_every_path() {
     let (origin, _h) = echo_origin().await;
     for mode in modes() {
         let s = Sluice::start(mode, origin);
-        let pid = s.pid();
         // Warm-up to the high-water marks, at twice the batches' concurrency
         // (as above).
         sessions(&s.url(), JOINED, 2 * PAR, true).await;
         // Past the spliced sessions' linger.
-        let settle = || tokio::time::sleep(Duration::from_millis(2500));
-        settle().await;
-        let mut history = Vec::new();
-        let mut settled = false;
-        for _ in 0..3 {
-            let (fd0, rss0) = (fd_count(pid), rss(pid));
-            tokio::time::timeout(
-                Duration::from_secs(120),
-                sessions(&s.url(), JOINED, PAR, true),
-            )
-            .await
-            .unwrap_or_else(|_| panic!("{mode:?}: sessions timed out\n{}", s.logs()));
-            settle().await;
-            let (fd1, rss1) = (fd_count(pid), rss(pid));
-            history.push(format!("fds {fd0} -> {fd1}, rss {rss0} -> {rss1}"));
-            assert_eq!(fd1, fd0, "{mode:?}: fds leaked: {history:?}");
-            if rss1 <= rss0 + rss0 / 100 {
-                settled = true;
-                break;
-            }
-        }
+        let settle = Duration::from_millis(2500);
+        tokio::time::sleep(settle).await;
+        let (history, settled) = batches(&s, JOINED, PAR, true, settle).await;
         let logs = s.logs();
         let closed = logs.matches("closed: closed").count();
         let own = logs

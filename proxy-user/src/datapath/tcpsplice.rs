@@ -352,35 +352,30 @@ impl TcpSplice {
         };
         let ts_on = u32::from(ci.options() & sockopt::TCPI_OPT_TIMESTAMPS != 0);
         let ends = &o.ends;
-        // From the client: as if the origin socket sent it to the origin.
-        let from_client = SpliceRewrite {
-            saddr: addr(ends.origin_local),
-            daddr: addr(ends.origin),
-            ports: ports(ends.origin_local, ends.origin),
-            seq_delta: o_snd.wrapping_sub(c_rcv),
-            shift_in: shift(&ci, true),
-            shift_out: shift(&oi, false),
-            ts_base: o_ts,
-            ts_on,
-            flip: u32::from(unacked[0] != 0),
-            flip_ack: c_snd,
-        };
-        let from_origin = SpliceRewrite {
-            saddr: addr(ends.client_local),
-            daddr: addr(ends.client),
-            ports: ports(ends.client_local, ends.client),
-            seq_delta: c_snd.wrapping_sub(o_rcv),
-            shift_in: shift(&oi, true),
-            shift_out: shift(&ci, false),
-            ts_base: c_ts,
-            ts_on,
-            flip: u32::from(unacked[1] != 0),
-            flip_ack: o_snd,
-        };
-        self.conns
-            .publish(slot, 0, &from_client, SET | u64::from(c_rcv));
-        self.conns
-            .publish(slot, 1, &from_origin, SET | u64::from(o_rcv));
+        // Per socket, by side (0 client, 1 origin): its TCP_INFO, rcv_nxt,
+        // write_seq, timestamp clock, and the two ends of its connection.
+        let sock = [(&ci, c_rcv, c_snd, c_ts), (&oi, o_rcv, o_snd, o_ts)];
+        let (local, remote) = (
+            [ends.client_local, ends.origin_local],
+            [ends.client, ends.origin],
+        );
+        for s in 0..2 {
+            // Side s's packets leave as if the other socket had sent them.
+            let o = s ^ 1;
+            let rw = SpliceRewrite {
+                saddr: addr(local[o]),
+                daddr: addr(remote[o]),
+                ports: ports(local[o], remote[o]),
+                seq_delta: sock[o].2.wrapping_sub(sock[s].1),
+                shift_in: shift(sock[s].0, true),
+                shift_out: shift(sock[o].0, false),
+                ts_base: sock[o].3,
+                ts_on,
+                flip: u32::from(unacked[s] != 0),
+                flip_ack: sock[s].2,
+            };
+            self.conns.publish(slot, s, &rw, SET | u64::from(sock[s].1));
+        }
         self.conns.set_snap_ns(slot, snap_ns);
         tracing::debug!(
             slot,
