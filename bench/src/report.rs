@@ -285,7 +285,7 @@ pub fn write(
     if ran(Workload::Bulk) {
         let _ = writeln!(
             md,
-            "## W1 bulk: one connection, {bulk_mib} MiB per direction\n\n\"Proxy CPU\" is the proxy's own processes' time on a CPU (scheduler's count): softirq work done in their syscalls is in it, kernel workers are not, so the sockmap row understates.\n"
+            "## W1 bulk: one connection, {bulk_mib} MiB per direction\n\n\"Proxy CPU\" is the proxy's own processes' time on a CPU (scheduler's count): softirq work done in their syscalls is in it, kernel workers are not, so the sockmap row understates; a spliced session's rewrite runs in the peers' own sends, so the tcpsplice row shows almost none. The machine's CPU columns count all of it.\n"
         );
         let _ = writeln!(
         md,
