@@ -11,9 +11,9 @@
 //! space's compare-and-swap to "spliced" fails if one slipped past its
 //! snapshot.
 //!
-//! Requires Linux 5.12+ (atomic fetch and compare-and-swap in programs),
-//! mmapable arrays (5.5+), ring buffers (5.8+); attached with TCX on 6.6+,
-//! with a clsact qdisc before. IPv4 only.
+//! Requires Linux 5.17+ (`bpf_loop` for the option scan; atomic fetch and
+//! compare-and-swap in programs 5.12+, mmapable arrays 5.5+, ring buffers
+//! 5.8+); attached with TCX on 6.6+, with a clsact qdisc before. IPv4 only.
 #![no_std]
 #![no_main]
 // The bpfel target declares no compare-and-swap, so core's atomic types

@@ -6,8 +6,9 @@
 //! rewrite per packet. The packet program is `proxy-ebpf/src/splice.rs`;
 //! the shared layout is `proxy_common::splice`.
 //!
-//! Requires Linux 6.6+ (TCX attach; the program itself needs 5.12+ for its
-//! atomics), CAP_BPF, CAP_NET_ADMIN (`TCP_REPAIR`, attaching to `lo`),
+//! Requires Linux 5.17+ (`bpf_loop`; its atomics need 5.12+; attached with
+//! TCX on 6.6+, through a clsact qdisc before, which only 6.18 with TCX has
+//! exercised here), CAP_BPF, CAP_NET_ADMIN (`TCP_REPAIR`, attaching to `lo`),
 //! `membarrier(MEMBARRIER_CMD_GLOBAL)` (not under `nohz_full`), and IPv4
 //! peers on this host, reached over loopback (the program sits on `lo`'s
 //! ingress). Sessions that do not fit stay in the user-space relay.
