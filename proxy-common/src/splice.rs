@@ -50,6 +50,10 @@ pub const GATE_ARMED: u64 = 3 << 32;
 /// Mask of the state half of [`SpliceConn::gate`].
 pub const GATE_STATE: u64 = 0xffff_ffff << 32;
 
+/// Bit 32 of [`SpliceSide::ts_off`] and [`SpliceSide::next_seq`]: the
+/// value in the low half is set (0 is a valid sequence number and offset).
+pub const SET: u64 = 1 << 32;
+
 /// [`SpliceConn::flags`]: the client sent FIN (bit 0) / the origin (bit 1).
 pub const FLAG_FIN: [u64; 2] = [1, 2];
 /// [`SpliceConn::flags`]: the client's FIN was acknowledged by the origin

@@ -34,7 +34,7 @@ use aya_ebpf::{
 };
 use proxy_common::splice::{
     FlowKey, FlowRef, SpliceConn, SpliceEvent, SpliceEventKind, SpliceSide, FLAGS_DONE, FLAG_FIN,
-    FLAG_FIN_ACKED, FLAG_RST, GATE_ARMED, GATE_OBSERVE, GATE_SPLICED, GATE_STATE, MAX_SPLICES,
+    FLAG_FIN_ACKED, FLAG_RST, GATE_ARMED, GATE_OBSERVE, GATE_SPLICED, GATE_STATE, MAX_SPLICES, SET,
     STATS_LEN, STAT_FAILED, STAT_REWRITTEN,
 };
 
@@ -67,8 +67,6 @@ const TCPOPT_EOL: u8 = 0;
 const TCPOPT_NOP: u8 = 1;
 const TCPOPT_SACK: u8 = 5;
 const TCPOPT_TIMESTAMP: u8 = 8;
-/// Bit 32 of `ts_off` and `next_seq`: the value is set.
-const SET: u64 = 1 << 32;
 
 /// Not ours, or not to be touched: let the next program (or the stack) have it.
 const NEXT: i32 = TC_ACT_UNSPEC;
@@ -138,7 +136,9 @@ fn try_splice(ctx: &TcContext) -> Result<i32, i64> {
     let seq = u32::from_be(ctx.load(t + 4)?);
     let data_end = seq.wrapping_add(payload);
     let ack = u32::from_be(ctx.load(t + 8)?);
-    let mut counted = false;
+    // Recorded as passing to a socket before the gate turned out spliced:
+    // its bytes may already lie behind `next`, so they count in full.
+    let mut recorded = false;
     let mut state = load(gate);
     if state & GATE_STATE == GATE_ARMED {
         // SAFETY: written by user space before it armed the gate.
@@ -161,21 +161,18 @@ fn try_splice(ctx: &TcContext) -> Result<i32, i64> {
             }
         } else if payload > 0 || th & (TH_FIN | TH_SYN | TH_RST) != 0 {
             // It passes to the socket, and the snapshot no longer holds:
-            // back to observing, recorded as there.
+            // back to observing, recorded as there. Only the program leaves
+            // ARMED, so if the swap fails another packet just moved the
+            // gate on (to OBSERVE or SPLICED), and this one follows it.
             record(next, flags, s, payload, data_end, th);
-            for _ in 0..4 {
-                let observe = ((state & !GATE_STATE) + 1) | GATE_OBSERVE;
-                match cas(gate, state, observe) {
-                    Ok(()) => {
-                        notify(flow.slot, SpliceEventKind::Disarmed, s as u32);
-                        return Ok(TC_ACT_OK as i32);
-                    }
-                    Err(now) if now & GATE_STATE == GATE_ARMED => state = now,
-                    Err(now) => {
-                        state = now;
-                        break;
-                    }
+            recorded = true;
+            let observe = ((state & !GATE_STATE) + 1) | GATE_OBSERVE;
+            match cas(gate, state, observe) {
+                Ok(()) => {
+                    notify(flow.slot, SpliceEventKind::Disarmed, s as u32);
+                    return Ok(TC_ACT_OK as i32);
                 }
+                Err(now) => state = now,
             }
         } else {
             // A pure ACK changes nothing the snapshot relies on.
@@ -193,18 +190,15 @@ fn try_splice(ctx: &TcContext) -> Result<i32, i64> {
         // gate moves (a fully ordered add): whoever reads the new gate
         // also sees the record, and whoever read the old one fails its
         // compare-and-swap.
-        record(next, flags, s, payload, data_end, th);
+        if !recorded {
+            record(next, flags, s, payload, data_end, th);
+            recorded = true;
+        }
         let old = fetch_add(gate, 1);
         if old & GATE_STATE == GATE_OBSERVE {
             return Ok(TC_ACT_OK as i32);
         }
-        // Spliced since the first look: this packet is rewritten after
-        // all. Its bytes may already lie behind `next`, so count them here.
-        if payload > 0 {
-            // SAFETY: as above.
-            fetch_add(unsafe { &raw mut (*me).bytes }, u64::from(payload));
-            counted = true;
-        }
+        // Spliced since the first look: this packet is rewritten after all.
         state = old;
     }
     if state & GATE_STATE != GATE_SPLICED || th & TH_SYN != 0 {
@@ -268,10 +262,9 @@ fn try_splice(ctx: &TcContext) -> Result<i32, i64> {
     // carry packets of one flow at once.
     if payload > 0 {
         let ahead = advance(next, data_end);
-        if !counted {
-            // SAFETY: as above.
-            fetch_add(unsafe { &raw mut (*me).bytes }, u64::from(ahead));
-        }
+        let bytes = if recorded { payload } else { ahead };
+        // SAFETY: as above.
+        fetch_add(unsafe { &raw mut (*me).bytes }, u64::from(bytes));
         // SAFETY: a plain store of the time of the last payload.
         unsafe { (*me).last_ns = bpf_ktime_get_ns() };
     }

@@ -301,6 +301,17 @@ impl Sluice {
         s
     }
 
+    /// Asserts that a close log line names this mode's own path (see
+    /// [`expected_path`]): the session was carried by the path under test.
+    pub fn assert_own_path(&self, line: &str) {
+        let path = format!("datapath={}", expected_path(self.mode));
+        assert!(
+            line.contains(&path),
+            "{:?} was carried by another path: {line}",
+            self.mode
+        );
+    }
+
     /// Process id (of setpriv's exec'd sluice in the unprivileged mode).
     pub fn pid(&self) -> u32 {
         self.child.id()

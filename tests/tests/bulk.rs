@@ -111,11 +111,7 @@ async fn run(url_for: impl FnOnce(SocketAddr) -> (String, Option<Sluice>), what:
     if let Some(s) = sluice {
         let line = s.wait_log("closed:", Duration::from_secs(10));
         assert!(line.contains("bytes_in=1073"), "{what}: {line}");
-        let path = format!("datapath={}", expected_path(s.mode));
-        assert!(
-            line.contains(&path),
-            "{what} was carried by another path: {line}"
-        );
+        s.assert_own_path(&line);
     }
     gbps
 }

@@ -164,6 +164,10 @@ async fn a_flooding_client_is_held_to_the_bound_on_every_path() {
             assert!(line.contains("client -> origin"), "{line}");
             assert!(!s.logs().contains("resetting"), "{}", s.logs());
         }
+        // The push ran on the mode's own path (tcpsplice joined during the
+        // quiet second and a half before it; the client's reset ends it).
+        let line = s.wait_log("closed:", Duration::from_secs(10));
+        s.assert_own_path(&line);
         // The origin really read at about 1 MB/s: throttled, not stalled.
         assert!(
             p.received > 5_000_000,

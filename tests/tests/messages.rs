@@ -23,10 +23,7 @@ async fn tungstenite_conversation_on_every_path() {
         // The close log line shows which data path really carried it.
         let line = s.wait_log("closed:", Duration::from_secs(5));
         assert!(line.contains("closed: closed"), "{mode:?}: {line}");
-        assert!(
-            line.contains(&format!("datapath={}", expected_path(mode))),
-            "{mode:?} was carried by another path: {line}"
-        );
+        s.assert_own_path(&line);
     }
 }
 

@@ -177,7 +177,7 @@ async fn move_mid_stream(mode: Mode, l: &tokio::net::TcpListener) {
     );
     // tcpsplice needs a moment with nothing unread or unsent, and bytes
     // waiting for an acknowledgment on one socket at most; peers streaming
-    // both ways give it one in some rounds only (2 to 7 of 8 here), so it
+    // both ways give it one in some rounds only (1 to 7 of 8 here), so it
     // may join none. Its rounds, joined or not, show that trying over and
     // over loses nothing. The other paths join every round here.
     if mode != Mode::Tcpsplice {

@@ -9,9 +9,10 @@
 //!
 //! `auto` takes `tcpsplice` when it loads, and `userspace` otherwise (and
 //! says why in the ready line). In `cargo xtask bench` a spliced session
-//! cost what a direct connection costs: W2 at 1,000 × 64 B ran at direct's
-//! rate, 2.4× nginx's, adding 1.3 CPU-µs per message over direct against
-//! nginx's 35. Sessions it cannot join (too short, busy both ways without
+//! cost what a direct connection costs: in full runs P and Q, W2 at
+//! 1,000 × 64 B ran 0.82-0.99x direct's rate and 2.10-2.19x nginx's,
+//! adding 0.5-4.3 CPU-µs per message over direct against nginx's 27-30;
+//! W1 ran 1.04x / 1.06x direct in Q (one way / both ways). Sessions it cannot join (too short, busy both ways without
 //! a pause, a peer on another host) stay in the user-space relay, which is
 //! what `auto` ran before. Of the rest, `userspace` moved bulk fastest
 //! (one way 0.67-0.73x direct, both ways 0.57-0.67x, against 0.54-0.67x
@@ -33,6 +34,7 @@
 //! medians). A connection that cannot join the chosen path falls back to
 //! the next (sockmap, then uring, then userspace; tcpsplice to userspace).
 
+pub mod ebpf;
 mod pipe;
 mod shared_map;
 pub mod sockmap;

@@ -59,7 +59,7 @@ use std::collections::HashMap as StdHashMap;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf, SockHash};
@@ -77,6 +77,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Notify;
 
+use super::ebpf::{from_object_error, lock, map, program, readable, take_map, ObjectError};
 use super::pipe::Pipe;
 use super::{userspace, CloseReason, Fallback, Pair, Side};
 use crate::accounting::Accounting;
@@ -85,18 +86,9 @@ use crate::sockopt;
 /// Why the sockmap path could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum SockmapError {
-    /// Loading the object failed (no privileges, no BTF, verifier).
-    #[error("loading the eBPF object: {0}")]
-    Load(#[from] aya::EbpfError),
-    /// Loading or attaching a program failed.
-    #[error("eBPF program: {0}")]
-    Program(#[from] aya::programs::ProgramError),
-    /// A map is missing or has the wrong type.
-    #[error("map: {0}")]
-    Map(#[from] aya::maps::MapError),
-    /// The object lacks a map or program by that name.
-    #[error("the eBPF object has no {0}")]
-    Missing(&'static str),
+    /// Loading the object, or one of its programs or maps, failed.
+    #[error(transparent)]
+    Object(ObjectError),
     /// No cgroup v2 hierarchy to attach the sock_ops program to.
     #[error("cgroup v2: {0}")]
     Cgroup(String),
@@ -107,6 +99,8 @@ pub enum SockmapError {
     #[error("{0}")]
     Io(#[from] io::Error),
 }
+
+from_object_error!(SockmapError);
 
 const EV_IN: u32 = 1;
 const EV_REFILL: u32 = 2;
@@ -170,10 +164,6 @@ pub struct Sockmap {
     _ebpf: Mutex<Ebpf>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl Sockmap {
     /// Loads and attaches the verdict and sock_ops programs and starts the
     /// monitor tasks. `soft` is the per-direction memory bound: a direction
@@ -202,19 +192,13 @@ impl Sockmap {
             }
         };
         let socks: SockHash<MapData, u64> = take_map(&mut ebpf, MAP_SOCKS)?;
-        let prog: &mut SkSkb = ebpf
-            .program_mut(PROG_VERDICT)
-            .ok_or(SockmapError::Missing(PROG_VERDICT))?
-            .try_into()?;
+        let prog: &mut SkSkb = program(&mut ebpf, PROG_VERDICT)?;
         prog.load()?;
         prog.attach(socks.fd())?;
         let mut owner: BpfArray<MapData, u32> = take_map(&mut ebpf, MAP_OWNER)?;
         owner.set(0, std::process::id(), 0)?;
         let cgroup = own_cgroup2()?;
-        let ops: &mut SockOps = ebpf
-            .program_mut(PROG_SOCKOPS)
-            .ok_or(SockmapError::Missing(PROG_SOCKOPS))?
-            .try_into()?;
+        let ops: &mut SockOps = program(&mut ebpf, PROG_SOCKOPS)?;
         ops.load()?;
         // As a BPF link (Linux 5.7+), which takes no flags and always lets
         // other programs (another daemon's, say) share the cgroup.
@@ -223,16 +207,8 @@ impl Sockmap {
         let ports = take_map(&mut ebpf, MAP_PORTS)?;
         let targets = take_map(&mut ebpf, MAP_TARGETS)?;
         let slots = take_map(&mut ebpf, MAP_SLOTS)?;
-        let ctl = SharedArray::new(
-            ebpf.take_map(MAP_CTL)
-                .ok_or(SockmapError::Missing(MAP_CTL))?,
-            MAX_SOCKETS,
-        )?;
-        let stats = SharedArray::new(
-            ebpf.take_map(MAP_STATS)
-                .ok_or(SockmapError::Missing(MAP_STATS))?,
-            MAX_SOCKETS,
-        )?;
+        let ctl = SharedArray::new(map(&mut ebpf, MAP_CTL)?, MAX_SOCKETS)?;
+        let stats = SharedArray::new(map(&mut ebpf, MAP_STATS)?, MAX_SOCKETS)?;
         let events: RingBuf<MapData> = take_map(&mut ebpf, MAP_EVENTS)?;
         // SAFETY: plain syscall; the result is checked.
         let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
@@ -1024,14 +1000,6 @@ async fn take_queued(
     }
 }
 
-/// Registers an fd-owning object with tokio for readability.
-fn readable<T: AsRawFd>(inner: T) -> io::Result<AsyncFd<T>> {
-    // SAFETY: each `T` here owns its fd (a map, an OwnedFd, the logger's
-    // ring) and keeps it open and unchanged until the AsyncFd drops it.
-    unsafe { AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE) }
-        .map_err(|e| e.into_parts().1)
-}
-
 /// Receives into `buf`'s whole capacity without zeroing it first; `buf`'s
 /// length becomes what arrived.
 fn recv_spare(fd: BorrowedFd<'_>, buf: &mut Vec<u8>) -> io::Result<usize> {
@@ -1067,17 +1035,6 @@ fn send(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
         return Err(io::Error::last_os_error());
     }
     Ok(n as usize)
-}
-
-/// Takes a map out of the object, typed.
-fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, SockmapError>
-where
-    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
-{
-    Ok(ebpf
-        .take_map(name)
-        .ok_or(SockmapError::Missing(name))?
-        .try_into()?)
 }
 
 /// The directory of this process's cgroup in the v2 hierarchy: the sockets

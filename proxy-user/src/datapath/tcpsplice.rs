@@ -56,7 +56,7 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
@@ -65,11 +65,12 @@ use aya::{Ebpf, EbpfLoader};
 use proxy_common::splice::{
     FlowKey, FlowRef, SpliceConn, SpliceEvent, SpliceRewrite, FLAGS_DONE, FLAG_RST, FROM_CLIENT,
     FROM_ORIGIN, GATE_ARMED, GATE_OBSERVE, GATE_SPLICED, GATE_STATE, MAP_FLOWS, MAP_SPLICES,
-    MAP_SPLICE_EVENTS, MAX_SPLICES, OWN_TO_CLIENT, OWN_TO_ORIGIN, PROG_SPLICE,
+    MAP_SPLICE_EVENTS, MAX_SPLICES, OWN_TO_CLIENT, OWN_TO_ORIGIN, PROG_SPLICE, SET,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{watch, Notify};
 
+use super::ebpf::{from_object_error, lock, map, program, readable, take_map, ObjectError};
 use super::shared_map::{SharedArray, Slots};
 use super::{CloseReason, Pair, Side};
 use crate::accounting::{monotonic_ns, Accounting};
@@ -77,8 +78,6 @@ use crate::sockopt;
 
 /// The interface the program sits on.
 const IFACE: &str = "lo";
-/// Bit 32 of `next_seq`: set (the program's encoding).
-const SET: u64 = 1 << 32;
 /// After both FINs were acknowledged, the flows stay a little: a final ACK
 /// lost on the way makes the other peer send its FIN again, and that must
 /// still be rewritten. The proxy's sockets keep the 4-tuples reserved.
@@ -94,18 +93,9 @@ const ARMED_RECHECK: Duration = Duration::from_millis(100);
 /// Why the tcpsplice path could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum TcpSpliceError {
-    /// Loading the object failed (no privileges, no BTF, verifier).
-    #[error("loading the eBPF object: {0}")]
-    Load(#[from] aya::EbpfError),
-    /// Loading or attaching the program failed.
-    #[error("eBPF program: {0}")]
-    Program(#[from] aya::programs::ProgramError),
-    /// A map is missing or has the wrong type.
-    #[error("map: {0}")]
-    Map(#[from] aya::maps::MapError),
-    /// The object lacks a map or program by that name.
-    #[error("the eBPF object has no {0}")]
-    Missing(&'static str),
+    /// Loading the object, its program or its maps failed.
+    #[error(transparent)]
+    Object(ObjectError),
     /// `membarrier(MEMBARRIER_CMD_GLOBAL)` is not available.
     #[error("membarrier(MEMBARRIER_CMD_GLOBAL) is not available (a nohz_full kernel?): {0}")]
     Membarrier(io::Error),
@@ -113,6 +103,8 @@ pub enum TcpSpliceError {
     #[error("{0}")]
     Io(#[from] io::Error),
 }
+
+from_object_error!(TcpSpliceError);
 
 /// How a join attempt ended, when the session is not spliced.
 pub enum NotJoined {
@@ -139,37 +131,20 @@ pub struct TcpSplice {
     _ebpf: Mutex<Ebpf>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl TcpSplice {
     /// Loads the program, attaches it to `lo`'s ingress, and starts the
     /// grace-period thread and the event monitor (on the calling runtime).
     pub fn load() -> Result<Arc<TcpSplice>, TcpSpliceError> {
         membarrier_global_supported().map_err(TcpSpliceError::Membarrier)?;
         let mut ebpf = object()?;
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(PROG_SPLICE)
-            .ok_or(TcpSpliceError::Missing(PROG_SPLICE))?
-            .try_into()?;
+        let prog: &mut SchedClassifier = program(&mut ebpf, PROG_SPLICE)?;
         // Before Linux 6.6 tc programs hang off a clsact qdisc; an existing
         // one is fine. On 6.6+ aya attaches with TCX and needs none.
         let _ = tc::qdisc_add_clsact(IFACE);
         prog.attach(IFACE, TcAttachType::Ingress)?;
-        let flows: BpfHashMap<MapData, FlowKey, FlowRef> = ebpf
-            .take_map(MAP_FLOWS)
-            .ok_or(TcpSpliceError::Missing(MAP_FLOWS))?
-            .try_into()?;
-        let conns = SharedArray::new(
-            ebpf.take_map(MAP_SPLICES)
-                .ok_or(TcpSpliceError::Missing(MAP_SPLICES))?,
-            MAX_SPLICES,
-        )?;
-        let events: RingBuf<MapData> = ebpf
-            .take_map(MAP_SPLICE_EVENTS)
-            .ok_or(TcpSpliceError::Missing(MAP_SPLICE_EVENTS))?
-            .try_into()?;
+        let flows = take_map(&mut ebpf, MAP_FLOWS)?;
+        let conns = SharedArray::new(map(&mut ebpf, MAP_SPLICES)?, MAX_SPLICES)?;
+        let events: RingBuf<MapData> = take_map(&mut ebpf, MAP_SPLICE_EVENTS)?;
         let ts = Arc::new(TcpSplice {
             flows: Mutex::new(flows),
             conns,
@@ -179,11 +154,7 @@ impl TcpSplice {
             local: Mutex::new(LocalAddrs::default()),
             _ebpf: Mutex::new(ebpf),
         });
-        // SAFETY: the ring map owns its fd and keeps it open and unchanged.
-        let ring =
-            unsafe { AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE) }
-                .map_err(|e| e.into_parts().1)?;
-        tokio::spawn(ring_monitor(ts.clone(), ring));
+        tokio::spawn(ring_monitor(ts.clone(), readable(events)?));
         Ok(ts)
     }
 
@@ -204,8 +175,10 @@ impl TcpSplice {
                 Err(why) => return Err(NotJoined::Never(pair, why)),
             },
         };
-        if !self.grace.passed(o.ticket) {
-            return Err(NotJoined::Grace(pair));
+        match self.grace.passed(o.ticket) {
+            Ok(true) => {}
+            Ok(false) => return Err(NotJoined::Grace(pair)),
+            Err(why) => return Err(NotJoined::Never(pair, why)),
         }
         let slot = o.slot;
         match self.snapshot(&pair, o) {
@@ -401,19 +374,27 @@ impl TcpSplice {
     /// waits for (true), or a packet disarmed it (false). The relay is
     /// stopped meanwhile, as it would wait for that packet too.
     async fn armed(&self, slot: u32) -> bool {
-        let notify = Arc::new(Notify::new());
-        lock(&self.waiting).insert(slot, notify.clone());
+        let wake = self.wake_on(slot);
         let gate = self.conns.gate(slot);
-        let spliced = loop {
+        loop {
             match gate.load(Ordering::SeqCst) & GATE_STATE {
                 GATE_ARMED => {}
-                s => break s == GATE_SPLICED,
+                s => return s == GATE_SPLICED,
             }
             // The ring may have been full: look again now and then.
-            let _ = tokio::time::timeout(ARMED_RECHECK, notify.notified()).await;
-        };
-        lock(&self.waiting).remove(&slot);
-        spliced
+            let _ = tokio::time::timeout(ARMED_RECHECK, wake.notify.notified()).await;
+        }
+    }
+
+    /// Registers for the program's events about `slot` until dropped.
+    fn wake_on(&self, slot: u32) -> Wake<'_> {
+        let notify = Arc::new(Notify::new());
+        lock(&self.waiting).insert(slot, notify.clone());
+        Wake {
+            ts: self,
+            slot,
+            notify,
+        }
     }
 
     /// The session is spliced: waits for its end, then tears it down.
@@ -421,8 +402,7 @@ impl TcpSplice {
         let slot = o.slot;
         let frozen = Frozen { pair, obs: o };
         let before = acct.totals();
-        let notify = Arc::new(Notify::new());
-        lock(&self.waiting).insert(slot, notify.clone());
+        let wake = self.wake_on(slot);
         let update = || {
             let (_, c2o, c_last) = self.conns.counted(slot, 0);
             let (_, o2c, o_last) = self.conns.counted(slot, 1);
@@ -440,10 +420,10 @@ impl TcpSplice {
                 break CloseReason::Done;
             }
             update();
-            let _ = tokio::time::timeout(RECHECK, notify.notified()).await;
+            let _ = tokio::time::timeout(RECHECK, wake.notify.notified()).await;
         };
         update();
-        lock(&self.waiting).remove(&slot);
+        drop(wake);
         let linger = if reason == CloseReason::Done {
             LINGER
         } else {
@@ -456,6 +436,20 @@ impl TcpSplice {
             drop(frozen);
         });
         reason
+    }
+}
+
+/// A session's registration for the program's events (see
+/// [`ring_monitor`]); it ends on drop, however the wait ends.
+struct Wake<'a> {
+    ts: &'a TcpSplice,
+    slot: u32,
+    notify: Arc<Notify>,
+}
+
+impl Drop for Wake<'_> {
+    fn drop(&mut self) {
+        lock(&self.ts.waiting).remove(&self.slot);
     }
 }
 
@@ -484,14 +478,10 @@ impl Drop for Frozen {
 }
 
 /// The object with its program loaded (verified), not attached.
-fn object() -> Result<Ebpf, TcpSpliceError> {
+fn object() -> Result<Ebpf, ObjectError> {
     let mut ebpf =
         EbpfLoader::new().load(aya::include_bytes_aligned!(env!("SLUICE_TCPSPLICE_OBJ")))?;
-    let prog: &mut SchedClassifier = ebpf
-        .program_mut(PROG_SPLICE)
-        .ok_or(TcpSpliceError::Missing(PROG_SPLICE))?
-        .try_into()?;
-    prog.load()?;
+    program::<SchedClassifier>(&mut ebpf, PROG_SPLICE)?.load()?;
     Ok(ebpf)
 }
 
@@ -649,12 +639,15 @@ impl LocalAddrs {
 }
 
 /// RCU grace periods on demand: one `membarrier(MEMBARRIER_CMD_GLOBAL)`
-/// (`synchronize_rcu`, about 7 ms here) serves every session that asked
+/// (`synchronize_rcu`, 7-8 ms here) serves every session that asked
 /// before it started.
 struct Grace {
     asked: Mutex<u64>,
     wake: Condvar,
     done: watch::Sender<u64>,
+    /// Set if `membarrier` failed: no grace period can be vouched for, so
+    /// no session joins any more.
+    failed: OnceLock<String>,
 }
 
 impl Grace {
@@ -663,6 +656,7 @@ impl Grace {
             asked: Mutex::new(0),
             wake: Condvar::new(),
             done: watch::Sender::new(0),
+            failed: OnceLock::new(),
         });
         let me = g.clone();
         std::thread::Builder::new()
@@ -679,8 +673,12 @@ impl Grace {
         *a
     }
 
-    fn passed(&self, ticket: u64) -> bool {
-        *self.done.borrow() >= ticket
+    /// Whether the grace period of `ticket` is over; `Err` if none can be.
+    fn passed(&self, ticket: u64) -> Result<bool, String> {
+        if let Some(why) = self.failed.get() {
+            return Err(why.clone());
+        }
+        Ok(*self.done.borrow() >= ticket)
     }
 
     fn run(&self) {
@@ -694,10 +692,12 @@ impl Grace {
                 *a
             };
             if let Err(e) = membarrier_global() {
-                // Checked at start; should it fail now, waiting a while
-                // instead still outlasts any packet in flight in practice.
-                tracing::error!("membarrier failed: {e}; sleeping 50 ms instead");
-                std::thread::sleep(Duration::from_millis(50));
+                // Checked at start. A guess at how long packets take would
+                // not be a grace period; sessions stay in user space.
+                let why = format!("membarrier(MEMBARRIER_CMD_GLOBAL) failed: {e}");
+                tracing::error!("{why}; no more sessions join tcpsplice");
+                let _ = self.failed.set(why);
+                return;
             }
             done = target;
             self.done.send_replace(done);

@@ -14,7 +14,7 @@ use aya::Ebpf;
 use proxy_common::splice::*;
 
 use super::super::shared_map::SharedArray;
-use super::{addr, key, object, ports, SET};
+use super::{addr, key, object, ports};
 use crate::accounting::monotonic_ns;
 
 const TH_FIN: u8 = 0x01;
