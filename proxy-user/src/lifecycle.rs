@@ -496,6 +496,9 @@ async fn connect(addr: SocketAddr, ctx: &ListenerCtx) -> std::io::Result<TcpStre
         crate::sockopt::bound_buffers(sock.as_fd(), bound);
     }
     sock.set_nodelay(true)?;
+    // The handshake's last ACK rides on the request, and the 101's on the
+    // first bytes relayed.
+    crate::sockopt::delay_acks(sock.as_fd());
     let s = sock.connect(addr).await?;
     if after {
         // See `DataPaths::bound_after_handshake`.

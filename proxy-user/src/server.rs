@@ -165,6 +165,10 @@ fn bind(
     s.set_nodelay(true)?;
     s.bind(&addr.into())?;
     s.listen(4096)?;
+    // Inherited too, so the ACK of the upgrade request rides on the 101;
+    // after listen(), which resets the ACK state.
+    crate::sockopt::delay_acks(s.as_fd());
+    crate::sockopt::defer_accept(s.as_fd());
     Ok(s.into())
 }
 
@@ -293,5 +297,39 @@ mod tests {
         let (s, peer) = a.accept().unwrap();
         assert_eq!(peer, c.local_addr().unwrap());
         drop(s);
+    }
+
+    #[test]
+    fn a_connection_is_accepted_once_its_first_bytes_are_in() {
+        use std::io::{Read, Write};
+        let l = bind("127.0.0.1:0".parse().unwrap(), None, false).unwrap();
+        let addr = l.local_addr().unwrap();
+        // Connected from the client's side, but silent: not accepted yet.
+        let silent = std::net::TcpStream::connect(addr).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let e = l.accept().unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
+        // The one that speaks is accepted, with its bytes there to read.
+        let mut talker = std::net::TcpStream::connect(addr).unwrap();
+        talker.write_all(b"GET").unwrap();
+        let mut got = None;
+        for _ in 0..200 {
+            match l.accept() {
+                Ok(a) => {
+                    got = Some(a);
+                    break;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(e) => panic!("accept: {e}"),
+            }
+        }
+        let (mut s, peer) = got.expect("the talker is accepted");
+        assert_eq!(peer, talker.local_addr().unwrap());
+        s.set_nonblocking(true).unwrap();
+        let mut b = [0u8; 3];
+        assert_eq!(s.read(&mut b).unwrap(), 3);
+        drop(silent);
     }
 }

@@ -184,6 +184,30 @@ pub fn bound_buffers(fd: BorrowedFd<'_>, bound: u64) {
     let _ = s.set_send_buffer_size(each);
 }
 
+/// `TCP_QUICKACK` 0: the kernel's interactive ("pingpong") mode, in which
+/// an ACK waits for data going the other way to ride on, up to the
+/// delayed-ACK timeout (40 ms or more), instead of taking a packet of its
+/// own. A proxy answers a request only after a round trip to the other
+/// side, so the ACK of a handshake head otherwise goes alone (HAProxy's
+/// `tcp-smart-accept` and `tcp-smart-connect`). On a socket about to
+/// connect it also delays the handshake's last ACK onto the first data
+/// (Linux 2.6+). Bulk transfers still ACK every second full segment.
+/// A failure only costs a packet.
+pub fn delay_acks(fd: BorrowedFd<'_>) {
+    let _ = setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_QUICKACK, 0);
+}
+
+/// `TCP_DEFER_ACCEPT` of one second on a listener (nginx's `deferred`,
+/// HAProxy's `defer-accept`; Linux 2.4+): `accept` returns a connection
+/// only once its first bytes are in, so the proxy is not woken twice per
+/// client and never reads a socket that has nothing yet. A WebSocket
+/// client speaks first. One that does not is accepted after about a
+/// second of SYN-ACK retransmissions, and then meets the handshake
+/// timeout as before. A failure only costs that wake-up.
+pub fn defer_accept(fd: BorrowedFd<'_>) {
+    let _ = setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT, 1);
+}
+
 /// `shutdown(SHUT_WR)`: send FIN after everything queued.
 pub fn shutdown_write(fd: BorrowedFd<'_>) -> io::Result<()> {
     socket2::SockRef::from(&fd).shutdown(std::net::Shutdown::Write)

@@ -364,3 +364,43 @@ async fn a_handshake_with_a_body_is_refused() {
     assert!(line.contains("status=400"), "{line}");
     assert!(line.contains("source=client"), "{line}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_silent_clients_meet_the_handshake_timeout_on_every_path() {
+    let (origin, _h) = echo_origin().await;
+    for mode in modes() {
+        let s = Sluice::start_config(mode, |addr| {
+            format!(
+                "[timeouts]\nhandshake_ms = 500\n[[listeners]]\nlisten = \"{addr}\"\norigin = \"{origin}\"\n"
+            )
+        });
+        // Half a head, then nothing: 408 once handshake_ms is up.
+        let t0 = std::time::Instant::now();
+        let head = upgrade_request("x");
+        let slow = ask(s.addr, &head.as_bytes()[..40], false).await;
+        assert!(slow.starts_with("HTTP/1.1 408 "), "{mode:?} slow: {slow}");
+        assert!(
+            t0.elapsed() >= Duration::from_millis(500),
+            "{mode:?}: 408 after {:?}",
+            t0.elapsed()
+        );
+        // Connected and silent: the listener defers the accept until bytes
+        // come (TCP_DEFER_ACCEPT), and after about a second of SYN-ACK
+        // retransmissions takes the connection anyway; then the timeout
+        // closes it as it does the slow one.
+        let t0 = std::time::Instant::now();
+        let silent = ask(s.addr, b"", false).await;
+        assert!(
+            silent.is_empty() || silent.starts_with("HTTP/1.1 408 "),
+            "{mode:?} silent: {silent}"
+        );
+        eprintln!(
+            "{mode:?}: a silent client was closed after {:?}",
+            t0.elapsed()
+        );
+        // The daemon still serves.
+        let (mut ws, _) = tokio_tungstenite::connect_async(s.url()).await.unwrap();
+        ws.close(None).await.unwrap();
+        drop(s);
+    }
+}
