@@ -9,7 +9,9 @@
 //! buffer. Works everywhere. Half-close: EOF on one side becomes
 //! `shutdown(SHUT_WR)` on the other after every byte read has been written;
 //! the second EOF needs no `shutdown`, as the close that follows sends that
-//! FIN. A reset or error on either side resets both.
+//! FIN. A FIN that is already in when its last bytes are read leaves with
+//! them, in one segment (`MSG_MORE`, then `shutdown`). A reset or error on
+//! either side resets both.
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -49,6 +51,9 @@ enum Step {
     Moved(usize, bool),
     /// Not readable after all.
     Again,
+    /// Bytes written at once, all of them, and the source's FIN right
+    /// behind them: the FIN is still to be sent, and rides on them.
+    Last(usize),
 }
 
 /// How a pump stopped without an error.
@@ -246,6 +251,28 @@ fn read_clearing(
     }
 }
 
+/// Whether `s`'s peer has sent FIN, from the readiness tokio already
+/// holds (epoll's `EPOLLRDHUP`; it survives the clearing of `READABLE`):
+/// no syscall.
+fn fin_seen(s: &TcpStream) -> bool {
+    use std::future::Future;
+    let ready = std::pin::pin!(s.ready(tokio::io::Interest::READABLE));
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    matches!(ready.poll(&mut cx), std::task::Poll::Ready(Ok(r)) if r.is_read_closed())
+}
+
+/// One non-blocking send to `w`; with `more` (`MSG_MORE`), the bytes wait
+/// in the socket for the FIN that `shutdown` adds, so both leave in one
+/// segment.
+fn send_more(w: &TcpStream, buf: &[u8], more: bool) -> std::io::Result<usize> {
+    if !more {
+        return w.try_write(buf);
+    }
+    w.try_io(tokio::io::Interest::WRITABLE, || {
+        socket2::SockRef::from(w).send_with_flags(buf, libc::MSG_MORE)
+    })
+}
+
 /// A byte buffer as the uninitialised view `recv` takes; it is initialised,
 /// so nothing is lost.
 fn as_uninit(buf: &mut [u8]) -> &mut [std::mem::MaybeUninit<u8>] {
@@ -331,21 +358,37 @@ async fn pump(
             Some(step) => step,
             None => BUF.with(|b| {
                 let mut b = b.borrow_mut();
-                let n = match read_once(r, &mut b) {
+                let mut n = match read_once(r, &mut b) {
                     Ok(0) => return Ok(Step::Eof),
                     Ok(n) => n,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(Step::Again),
                     Err(_) => return Err(src),
                 };
+                // The FIN came with these bytes: read it now (the read the
+                // next round would make), so it rides on them.
+                let mut fin = false;
+                if n < b.len() && fin_seen(r) {
+                    match read_once(r, &mut b[n..]) {
+                        Ok(0) => fin = true,
+                        Ok(k) => n += k,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(_) => return Err(src),
+                    }
+                }
                 let mut off = 0;
                 while off < n {
-                    match w.try_write(&b[off..n]) {
+                    match send_more(w, &b[off..n], fin) {
                         Ok(k) => off += k,
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                         Err(_) => return Err(dst),
                     }
                 }
                 pending.extend_from_slice(&b[off..n]);
+                if fin && off == n {
+                    return Ok(Step::Last(n));
+                }
+                // Not all taken: `pending` is written (which pushes what
+                // MSG_MORE held back), and the next read sees the EOF.
                 Ok(Step::Moved(off, n >= SPLICE_STAY))
             })?,
         };
@@ -360,6 +403,17 @@ async fn pump(
                     use std::os::fd::AsFd;
                     let _ = sockopt::shutdown_write(w.as_fd());
                 }
+                return Ok(Finish::Eof);
+            }
+            Step::Last(n) => {
+                acct.add(to_origin, n as u64);
+                first_fin.store(true, Ordering::Relaxed);
+                // Sends the held-back bytes with the FIN in one segment.
+                // Worth its syscall even for the second FIN: a packet costs
+                // more. A failure means the peer reset; the other
+                // direction reports that.
+                use std::os::fd::AsFd;
+                let _ = sockopt::shutdown_write(w.as_fd());
                 return Ok(Finish::Eof);
             }
             Step::Moved(n, more) => {
