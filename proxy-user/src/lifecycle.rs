@@ -3,11 +3,11 @@
 //!
 //! | phase | runs | result |
 //! |---|---|---|
-//! | **accept** | [`crate::server`] accepts TCP; buffers are sized to the per-direction bound | a socket |
+//! | **accept** | [`crate::server`] accepts TCP once the client's first bytes are in (`TCP_DEFER_ACCEPT`); buffers are sized to the per-direction bound, ACKs wait for data | a socket with the request (or part of it) to read |
 //! | **handshake** | reads the request head (`timeouts.handshake_ms`, at most [`MAX_HEAD`]); [`handshake::parse_request`], [`handshake::check_request`] | the forwarded request, or 400/426/431/408 and close |
 //! | **waf** | hook for rules on the handshake; allows everything today | continue, or a status |
 //! | **route** | the listener's origin | an address |
-//! | **connect** | TCP connect (`timeouts.origin_connect_ms`) | a socket, or 502 (refused) / 504 (timeout) |
+//! | **connect** | TCP connect (`timeouts.origin_connect_ms`); the handshake's last ACK waits for the request | a socket, or 502 (refused) / 504 (timeout) |
 //! | **upgrade** | sends the request, reads the answer (`timeouts.origin_response_ms`), [`handshake::check_response`] | the 101 relayed as sent; a non-101 relayed with its body, then close; 502/504 |
 //! | **hand-off** | both sockets and the bytes read past each head; [`DataPaths::relay`] | bytes flow in the user-space relay; on tcpsplice, sockmap and uring the session joins that path once `limits.promote_after_ms` old and idle (tcpsplice: the two TCP connections are joined at the packet level and the proxy's sockets leave the byte path) |
 //! | **close** | the data path reports | access log line with bytes, duration, reason |
