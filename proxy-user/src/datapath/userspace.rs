@@ -54,6 +54,9 @@ enum Step {
     /// Bytes written at once, all of them, and the source's FIN right
     /// behind them: the FIN is still to be sent, and rides on them.
     Last(usize),
+    /// Bytes written at once (the rest are in `pending`), and then the
+    /// source failed: they still go out before the pair is reset.
+    Failing(usize),
 }
 
 /// How a pump stopped without an error.
@@ -366,13 +369,15 @@ async fn pump(
                 };
                 // The FIN came with these bytes: read it now (the read the
                 // next round would make), so it rides on them.
-                let mut fin = false;
+                let (mut fin, mut failed) = (false, false);
                 if n < b.len() && fin_seen(r) {
                     match read_once(r, &mut b[n..]) {
                         Ok(0) => fin = true,
                         Ok(k) => n += k,
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                        Err(_) => return Err(src),
+                        // A reset: the socket reports it once, so it is
+                        // kept for after the bytes already read.
+                        Err(_) => failed = true,
                     }
                 }
                 let mut off = 0;
@@ -384,6 +389,9 @@ async fn pump(
                     }
                 }
                 pending.extend_from_slice(&b[off..n]);
+                if failed {
+                    return Ok(Step::Failing(off));
+                }
                 if fin && off == n {
                     return Ok(Step::Last(n));
                 }
@@ -415,6 +423,14 @@ async fn pump(
                 use std::os::fd::AsFd;
                 let _ = sockopt::shutdown_write(w.as_fd());
                 return Ok(Finish::Eof);
+            }
+            Step::Failing(n) => {
+                acct.add(to_origin, n as u64);
+                if !pending.is_empty() {
+                    write_all(w, &pending).await.map_err(|_| dst)?;
+                    acct.add(to_origin, pending.len() as u64);
+                }
+                return Err(src);
             }
             Step::Moved(n, more) => {
                 acct.add(to_origin, n as u64);
