@@ -136,6 +136,38 @@ async fn reset_reaches_the_other_side_on_every_path() {
     }
 }
 
+/// Bytes sent right before a reset still arrive, and then the reset: the
+/// user-space relay may read both in one wake-up (the reset is reported
+/// once, after the bytes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_bytes_before_a_reset_arrive_first_on_every_path() {
+    for mode in modes() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let s = Sluice::start(mode, l.local_addr().unwrap());
+        for resetter in ["client", "origin"] {
+            let (c, o) = tokio::join!(raw_client(s.addr, b""), raw_origin(&l, b""));
+            let ((c, _), (o, _, _)) = (c, o);
+            quiet().await;
+            let (mut r, mut victim, who) = if resetter == "client" {
+                (c, o, "origin")
+            } else {
+                (o, c, "client")
+            };
+            let last = frame(2, b"last words", resetter == "client");
+            r.write_all(&last).await.unwrap();
+            r.set_zero_linger().unwrap();
+            drop(r);
+            let mut got = vec![0u8; last.len()];
+            tokio::time::timeout(Duration::from_secs(10), victim.read_exact(&mut got))
+                .await
+                .unwrap_or_else(|_| panic!("{mode:?}: {who} saw nothing"))
+                .unwrap_or_else(|e| panic!("{mode:?}: {who} lost the last bytes: {e}"));
+            assert_eq!(got, last, "{mode:?}: {who}");
+            expect_reset(&mut victim, who, mode).await;
+        }
+    }
+}
+
 /// A reset while a direction streams (on `uring` and `userspace`, in its
 /// splice rounds) reaches the reader on the other side, after the bytes
 /// relayed before it.

@@ -487,6 +487,9 @@ impl Sockmap {
                 if b & (EV_ERR | EV_HUP) != 0 {
                     if let Ok(Some(e)) = sockopt::take_error(fds[side].as_fd()) {
                         tracing::debug!("{} socket failed: {e}", side_name(side));
+                        if let Some(d) = dirs.iter_mut().find(|d| d.src == side) {
+                            d.settle_before_reset(self, fds).await;
+                        }
                         return CloseReason::Reset(side_of(side));
                     }
                 }
@@ -621,6 +624,10 @@ fn reset_both(c: &tokio::net::TcpStream, o: &tokio::net::TcpStream, side: Side) 
 }
 
 /// One direction: bytes arriving on `src` go out of `dst`.
+/// How long a reset waits for bytes redirected before it (see
+/// `Dir::settle_before_reset`).
+const RESET_SETTLE: std::time::Duration = std::time::Duration::from_millis(100);
+
 struct Dir {
     src: usize,
     dst: usize,
@@ -725,6 +732,28 @@ impl Dir {
     /// Everything written into `dst` for this direction.
     fn sent(&self) -> u64 {
         self.base_dst + self.redirected + self.user_written
+    }
+
+    /// The source was reset: bytes the kernel redirected from it before
+    /// the reset may still be in the psock's backlog, on their way into
+    /// `dst` (a work item sends them). Resetting `dst` now would drop them,
+    /// so wait until `dst` has taken them in, as a FIN does (see `pump`),
+    /// for at most [`RESET_SETTLE`]: a receiver that stopped reading
+    /// cannot hold the reset back.
+    async fn settle_before_reset(&mut self, sm: &Sockmap, fds: &[std::net::TcpStream; 2]) {
+        if self.slot == NO_SLOT {
+            return;
+        }
+        let end = std::time::Instant::now() + RESET_SETTLE;
+        loop {
+            self.redirected = sm.stats.load(self.slot).redirected;
+            match sockopt::bytes_written(fds[self.dst].as_fd()) {
+                Ok(w) if w < self.sent() && std::time::Instant::now() < end => {
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+                _ => return,
+            }
+        }
     }
 
     /// At a mark: if `dst`'s receiver is behind by more than the soft bound,
