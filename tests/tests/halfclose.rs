@@ -136,6 +136,19 @@ async fn reset_reaches_the_other_side_on_every_path() {
     }
 }
 
+/// A session through `s` to an origin on `l`, after a quiet moment: the
+/// stream of `side` ("client" or "origin"), the other one, and its name.
+async fn sides(s: &Sluice, l: &TcpListener, side: &str) -> (TcpStream, TcpStream, &'static str) {
+    let (c, o) = tokio::join!(raw_client(s.addr, b""), raw_origin(l, b""));
+    let ((c, _), (o, _, _)) = (c, o);
+    quiet().await;
+    if side == "client" {
+        (c, o, "origin")
+    } else {
+        (o, c, "client")
+    }
+}
+
 /// Bytes sent right before a reset still arrive, and then the reset: the
 /// user-space relay may read both in one wake-up (the reset is reported
 /// once, after the bytes).
@@ -145,14 +158,7 @@ async fn the_last_bytes_before_a_reset_arrive_first_on_every_path() {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let s = Sluice::start(mode, l.local_addr().unwrap());
         for resetter in ["client", "origin"] {
-            let (c, o) = tokio::join!(raw_client(s.addr, b""), raw_origin(&l, b""));
-            let ((c, _), (o, _, _)) = (c, o);
-            quiet().await;
-            let (mut r, mut victim, who) = if resetter == "client" {
-                (c, o, "origin")
-            } else {
-                (o, c, "client")
-            };
+            let (mut r, mut victim, who) = sides(&s, &l, resetter).await;
             let last = frame(2, b"last words", resetter == "client");
             r.write_all(&last).await.unwrap();
             r.set_zero_linger().unwrap();
@@ -178,14 +184,7 @@ async fn a_reset_mid_stream_reaches_the_other_side_on_every_path() {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let s = Sluice::start(mode, l.local_addr().unwrap());
         for streamer in ["client", "origin"] {
-            let (c, o) = tokio::join!(raw_client(s.addr, b""), raw_origin(&l, b""));
-            let ((c, _), (o, _, _)) = (c, o);
-            quiet().await;
-            let (mut w, mut victim, who) = if streamer == "client" {
-                (c, o, "origin")
-            } else {
-                (o, c, "client")
-            };
+            let (mut w, mut victim, who) = sides(&s, &l, streamer).await;
             let stream = async move {
                 let buf = vec![7u8; 1 << 20];
                 for _ in 0..BEFORE / buf.len() {
