@@ -3,7 +3,7 @@
 //!
 //! | phase | runs | result |
 //! |---|---|---|
-//! | **accept** | [`crate::server`] accepts TCP once the client's first bytes are in (`TCP_DEFER_ACCEPT`); buffers are sized to the per-direction bound, ACKs wait for data | a socket with the request (or part of it) to read |
+//! | **accept** | [`crate::server`] accepts TCP once the client's first bytes are in (`TCP_DEFER_ACCEPT`); buffers are sized to the per-direction bound, ACKs wait for data until the 101 | a socket with the request (or part of it) to read |
 //! | **handshake** | reads the request head (`timeouts.handshake_ms`, at most [`MAX_HEAD`]); [`handshake::parse_request`], [`handshake::check_request`] | the forwarded request, or 400/426/431/408 and close |
 //! | **waf** | hook for rules on the handshake; allows everything today | continue, or a status |
 //! | **route** | the listener's origin | an address |
@@ -228,6 +228,8 @@ pub async fn serve_client(
         tracing::debug!(%peer, "client went away before the hand-off");
         return;
     }
+    // The request's ACK rode on the 101; from here on, ACKs as usual.
+    crate::sockopt::quick_acks(client.as_fd());
     accesslog::upgraded(peer, &path, origin_addr, protocol.as_deref().unwrap_or(""));
     let pair = Pair {
         client,
@@ -496,9 +498,8 @@ async fn connect(addr: SocketAddr, ctx: &ListenerCtx) -> std::io::Result<TcpStre
         crate::sockopt::bound_buffers(sock.as_fd(), bound);
     }
     sock.set_nodelay(true)?;
-    // The handshake's last ACK rides on the request, and the 101's on the
-    // first bytes relayed.
-    crate::sockopt::delay_acks(sock.as_fd());
+    // The handshake's last ACK rides on the request.
+    crate::sockopt::delay_handshake_ack(sock.as_fd());
     let s = sock.connect(addr).await?;
     if after {
         // See `DataPaths::bound_after_handshake`.

@@ -2,7 +2,7 @@
 //! the peers' kernels (`tcpi_segs_in`). Short sessions are mostly
 //! handshakes and closes, so each ACK that goes alone is a good share of
 //! their packets (W4 in the bench: 28 segments per session through nginx,
-//! 24 through Sluice).
+//! 25 through Sluice).
 //!
 //! - The ACK of the client's request rides on the 101, and the ACK that
 //!   ends the TCP handshake with the origin rides on the forwarded request
