@@ -193,7 +193,7 @@ pub fn bound_buffers(fd: BorrowedFd<'_>, bound: u64) {
 /// resets the ACK state); accepted sockets inherit it. A failure only
 /// costs a packet.
 pub fn delay_acks(fd: BorrowedFd<'_>) {
-    let _ = setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_QUICKACK, 0);
+    let _ = socket2::SockRef::from(&fd).set_quickack(false);
 }
 
 /// `TCP_QUICKACK` 1: leaves the mode [`delay_acks`] set, once the
@@ -205,7 +205,7 @@ pub fn delay_acks(fd: BorrowedFd<'_>) {
 /// 8 side-by-side quick runs, against about 0 without). A failure only
 /// costs that.
 pub fn quick_acks(fd: BorrowedFd<'_>) {
-    let _ = setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_QUICKACK, 1);
+    let _ = socket2::SockRef::from(&fd).set_quickack(true);
 }
 
 /// `TCP_DEFER_ACCEPT` on a socket about to connect: the last ACK of its

@@ -623,11 +623,11 @@ fn reset_both(c: &tokio::net::TcpStream, o: &tokio::net::TcpStream, side: Side) 
     CloseReason::Reset(side)
 }
 
-/// One direction: bytes arriving on `src` go out of `dst`.
 /// How long a reset waits for bytes redirected before it (see
 /// `Dir::settle_before_reset`).
 const RESET_SETTLE: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// One direction: bytes arriving on `src` go out of `dst`.
 struct Dir {
     src: usize,
     dst: usize,

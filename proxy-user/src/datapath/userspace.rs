@@ -326,11 +326,17 @@ async fn pump(
     let mut streaming = false;
     // No pipe to be had here (limits): this direction copies.
     let mut no_pipe = false;
+    // The source failed right behind bytes still in `pending`: they go
+    // out first, then the pair is reset.
+    let mut failed = false;
     loop {
         if !pending.is_empty() {
             write_all(w, &pending).await.map_err(|_| dst)?;
             acct.add(to_origin, pending.len() as u64);
             pending.clear();
+        }
+        if failed {
+            return Err(src);
         }
         if !streaming {
             // About to wait for data: an idle connection holds no buffer.
@@ -369,7 +375,7 @@ async fn pump(
                 };
                 // The FIN came with these bytes: read it now (the read the
                 // next round would make), so it rides on them.
-                let (mut fin, mut failed) = (false, false);
+                let (mut fin, mut reset) = (false, false);
                 if n < b.len() && fin_seen(r) {
                     match read_once(r, &mut b[n..]) {
                         Ok(0) => fin = true,
@@ -377,7 +383,7 @@ async fn pump(
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                         // A reset: the socket reports it once, so it is
                         // kept for after the bytes already read.
-                        Err(_) => failed = true,
+                        Err(_) => reset = true,
                     }
                 }
                 let mut off = 0;
@@ -389,7 +395,7 @@ async fn pump(
                     }
                 }
                 pending.extend_from_slice(&b[off..n]);
-                if failed {
+                if reset {
                     return Ok(Step::Failing(off));
                 }
                 if fin && off == n {
@@ -426,11 +432,7 @@ async fn pump(
             }
             Step::Failing(n) => {
                 acct.add(to_origin, n as u64);
-                if !pending.is_empty() {
-                    write_all(w, &pending).await.map_err(|_| dst)?;
-                    acct.add(to_origin, pending.len() as u64);
-                }
-                return Err(src);
+                failed = true;
             }
             Step::Moved(n, more) => {
                 acct.add(to_origin, n as u64);
