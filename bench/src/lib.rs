@@ -7,6 +7,7 @@
 //! | `ws` | RFC 6455 handshake and frames (masked from the client) |
 //! | `origin` | the origin server (echo, sink, bulk) |
 //! | `load` | the workloads W1 to W4 |
+//! | `pool` | single-threaded runtimes, one per thread, for W2's clients |
 //! | `netns` | the run's own network namespace and congestion control |
 //! | `targets` | starts and stops the proxies; installs the Debian ones |
 //! | `sys` | CPU, memory and fd-limit readings from /proc |
@@ -17,6 +18,7 @@ pub mod chart;
 pub mod load;
 pub mod netns;
 pub mod origin;
+pub mod pool;
 pub mod report;
 pub mod sys;
 pub mod targets;
@@ -214,6 +216,7 @@ pub fn run(opts: &Opts) -> Result<String, String> {
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
+    let echo_pool = pool::Pool::new(2, "echo").map_err(|e| e.to_string())?;
     let mut running: Vec<Target> = Vec::new();
     for k in kinds {
         match Target::start(k, origin.addr, &opts.sluice) {
@@ -301,13 +304,14 @@ pub fn run(opts: &Opts) -> Result<String, String> {
                 ));
                 let log_from = t.log_len();
                 let cpu0 = t.cpu_ns();
-                let run = measure(&load, &plan, *w, case, idle_conns, t).map(|mut r| {
-                    r.proxy_cpu_us = match (cpu0, t.cpu_ns()) {
-                        (Some(a), Some(b)) => b.saturating_sub(a) as f64 / 1e3,
-                        _ => f64::NAN,
-                    };
-                    r
-                });
+                let run =
+                    measure(&load, &echo_pool, &plan, *w, case, idle_conns, t).map(|mut r| {
+                        r.proxy_cpu_us = match (cpu0, t.cpu_ns()) {
+                            (Some(a), Some(b)) => b.saturating_sub(a) as f64 / 1e3,
+                            _ => f64::NAN,
+                        };
+                        r
+                    });
                 // A failed run's own log lines say why (reset, fallback).
                 let run = run.map_err(|e| {
                     // Sluice writes its log in batches every 20 ms.
@@ -374,6 +378,7 @@ pub fn run(opts: &Opts) -> Result<String, String> {
     }
     let names: Vec<String> = running.iter().map(|t| t.kind.name()).collect();
     drop(running);
+    drop(echo_pool);
     drop(load);
     drop(origin);
     report::write(opts, &plan, &net, &names, &records, &notes)
@@ -381,6 +386,7 @@ pub fn run(opts: &Opts) -> Result<String, String> {
 
 fn measure(
     rt: &tokio::runtime::Runtime,
+    echo_pool: &pool::Pool,
     plan: &Plan,
     w: Workload,
     case: &str,
@@ -395,7 +401,7 @@ fn measure(
                 Workload::Bulk => load::bulk(addr, plan.bulk_bytes, case == "both ways").await,
                 Workload::Echo => {
                     let (c, s) = report::parse_echo_case(case).ok_or("bad case")?;
-                    load::echo(addr, c, s, plan.echo_time).await
+                    load::echo(echo_pool, addr, c, s, plan.echo_time).await
                 }
                 Workload::Idle => load::idle(addr, idle_conns, plan.idle_time, || t.rss()).await,
                 Workload::Handshake => load::handshakes(addr, plan.hs_par, plan.hs_time).await,

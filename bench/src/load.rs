@@ -10,6 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::origin::CHUNK;
+use crate::pool::Pool;
 use crate::sys;
 use crate::ws::{self, op, Frame, Parser, Prng};
 
@@ -266,29 +267,40 @@ async fn echo_once(c: &mut Client, msg: &[u8]) -> Result<(), String> {
 pub const SETTLE: Duration = Duration::from_millis(500);
 
 /// W2: `conns` clients in a closed loop of `size`-byte messages for `dur`,
-/// after one echo each and [`SETTLE`] of rest.
+/// after one echo each and [`SETTLE`] of rest. Client `i` lives on `pool`
+/// thread `i` (see [`Pool`] for why).
 pub async fn echo(
+    pool: &Pool,
     addr: SocketAddr,
     conns: usize,
     size: usize,
     dur: Duration,
 ) -> Result<Run, String> {
-    let clients = open_many(addr, conns, 100).await?;
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(100));
     let settled = Arc::new(tokio::sync::Barrier::new(conns + 1));
     let go = Arc::new(tokio::sync::Barrier::new(conns + 1));
     let mut hs = Vec::with_capacity(conns);
-    for (i, mut c) in clients.into_iter().enumerate() {
-        let (settled, go) = (settled.clone(), go.clone());
-        hs.push(tokio::spawn(async move {
+    for i in 0..conns {
+        let (handshakes, settled, go) = (handshakes.clone(), settled.clone(), go.clone());
+        hs.push(pool.spawn(i, async move {
             let mut msg = vec![0u8; size];
             Prng::new(i as u64 + 7).fill(&mut msg);
             let mut rtt = Vec::new();
-            // Unmeasured: one echo, then the rest (the barriers keep every
-            // connection in step; a failure shows in the loop below).
-            let first = echo_once(&mut c, &msg).await;
+            // Unmeasured: the upgrade and one echo, then the rest (the
+            // barriers keep every connection in step, failed ones too; a
+            // failure shows once they pass).
+            let first = async {
+                let mut c = {
+                    let _p = handshakes.acquire_owned().await;
+                    Client::connect(addr, "/echo", i as u64 + 1).await?
+                };
+                echo_once(&mut c, &msg).await?;
+                Ok::<_, String>(c)
+            }
+            .await;
             settled.wait().await;
             go.wait().await;
-            first?;
+            let mut c = first?;
             let end = Instant::now() + dur;
             let mut res = Ok(());
             while Instant::now() < end {
