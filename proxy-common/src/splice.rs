@@ -25,6 +25,12 @@ pub const STAT_REWRITTEN: u32 = 0;
 pub const STAT_FAILED: u32 = 1;
 /// Entries of `SPLICE_STATS`.
 pub const STATS_LEN: u32 = 2;
+/// Name of a one-entry array: how many sessions have flows in `FLOWS`.
+/// While it is 0 the program lets every packet pass at once, without the
+/// hash lookup, so sessions that never splice (short ones) cost no more
+/// than one array read per packet. User space raises it before a session's
+/// flows go in, and lowers it after they are out.
+pub const MAP_SPLICE_LIVE: &str = "SPLICE_LIVE";
 /// Name of the ring buffer of [`SpliceEvent`]s.
 pub const MAP_SPLICE_EVENTS: &str = "SPLICE_EVENTS";
 /// Name of the tc classifier.

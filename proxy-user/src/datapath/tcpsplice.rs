@@ -59,13 +59,14 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, RingBuf};
 use aya::programs::{tc, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use proxy_common::splice::{
     FlowKey, FlowRef, SpliceConn, SpliceEvent, SpliceRewrite, FLAGS_DONE, FLAG_RST, FROM_CLIENT,
     FROM_ORIGIN, GATE_ARMED, GATE_OBSERVE, GATE_SPLICED, GATE_STATE, MAP_FLOWS, MAP_SPLICES,
-    MAP_SPLICE_EVENTS, MAX_SPLICES, OWN_TO_CLIENT, OWN_TO_ORIGIN, PROG_SPLICE, SET,
+    MAP_SPLICE_EVENTS, MAP_SPLICE_LIVE, MAX_SPLICES, OWN_TO_CLIENT, OWN_TO_ORIGIN, PROG_SPLICE,
+    SET,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{watch, Notify};
@@ -120,7 +121,7 @@ pub enum NotJoined {
 
 /// The loaded program and its maps.
 pub struct TcpSplice {
-    flows: Mutex<BpfHashMap<MapData, FlowKey, FlowRef>>,
+    flows: Mutex<Flows>,
     conns: SharedArray<SpliceConn>,
     slots: Mutex<Slots>,
     /// Wake-ups of spliced sessions, by slot.
@@ -142,7 +143,11 @@ impl TcpSplice {
         // one is fine. On 6.6+ aya attaches with TCX and needs none.
         let _ = tc::qdisc_add_clsact(IFACE);
         prog.attach(IFACE, TcAttachType::Ingress)?;
-        let flows = take_map(&mut ebpf, MAP_FLOWS)?;
+        let flows = Flows {
+            map: take_map(&mut ebpf, MAP_FLOWS)?,
+            live: take_map(&mut ebpf, MAP_SPLICE_LIVE)?,
+            sessions: 0,
+        };
         let conns = SharedArray::new(map(&mut ebpf, MAP_SPLICES)?, MAX_SPLICES)?;
         let events: RingBuf<MapData> = take_map(&mut ebpf, MAP_SPLICE_EVENTS)?;
         let ts = Arc::new(TcpSplice {
@@ -240,14 +245,7 @@ impl TcpSplice {
             ticket: 0,
             ends,
         };
-        {
-            let mut flows = lock(&self.flows);
-            for (k, v) in keys {
-                flows
-                    .insert(k, v, 0)
-                    .map_err(|e| format!("cannot add a flow to the splice map: {e}"))?;
-            }
-        }
+        lock(&self.flows).add(&keys)?;
         obs.ticket = self.grace.ask();
         Ok(obs)
     }
@@ -537,15 +535,46 @@ pub struct Observation {
 
 impl Drop for Observation {
     fn drop(&mut self) {
-        {
-            let mut flows = lock(&self.ts.flows);
-            for k in &self.keys {
-                let _ = flows.remove(k);
-            }
-        }
+        lock(&self.ts.flows).remove(&self.keys);
         // The slot rests before reuse, so a program run that still holds
         // it finishes first.
         lock(&self.ts.slots).give(self.slot);
+    }
+}
+
+/// The splice map, and the count of sessions with flows in it that the
+/// program reads first (`SPLICE_LIVE`).
+struct Flows {
+    map: BpfHashMap<MapData, FlowKey, FlowRef>,
+    live: Array<MapData, u64>,
+    /// Sessions counted in: those between [`Flows::add`] and
+    /// [`Flows::remove`], failed adds included.
+    sessions: u64,
+}
+
+impl Flows {
+    /// Counts a session in, then puts its flows in. Each call, even a failed
+    /// one, is undone by one [`Flows::remove`].
+    fn add(&mut self, flows: &[(FlowKey, FlowRef)]) -> Result<(), String> {
+        self.sessions += 1;
+        self.live
+            .set(0, self.sessions, 0)
+            .map_err(|e| format!("cannot count a session in the splice map: {e}"))?;
+        for (k, v) in flows {
+            self.map
+                .insert(k, v, 0)
+                .map_err(|e| format!("cannot add a flow to the splice map: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Takes a session's flows out, then counts it out.
+    fn remove(&mut self, keys: &[FlowKey]) {
+        for k in keys {
+            let _ = self.map.remove(k);
+        }
+        self.sessions = self.sessions.saturating_sub(1);
+        let _ = self.live.set(0, self.sessions, 0);
     }
 }
 

@@ -8,7 +8,7 @@
 
 use std::net::SocketAddrV4;
 
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use aya::Ebpf;
 use proxy_common::splice::*;
@@ -31,6 +31,7 @@ struct Prog {
     ebpf: Ebpf,
     stats: PerCpuArray<MapData, u64>,
     flows: BpfHashMap<MapData, FlowKey, FlowRef>,
+    live: Array<MapData, u64>,
     conns: SharedArray<SpliceConn>,
     events: RingBuf<MapData>,
 }
@@ -51,10 +52,12 @@ impl Prog {
             .try_into()
             .unwrap();
         let stats = ebpf.take_map(MAP_SPLICE_STATS).unwrap().try_into().unwrap();
+        let live = ebpf.take_map(MAP_SPLICE_LIVE).unwrap().try_into().unwrap();
         Some(Prog {
             ebpf,
             stats,
             flows,
+            live,
             conns,
             events,
         })
@@ -86,6 +89,12 @@ impl Prog {
             self.flows.insert(k, FlowRef { slot, side }, 0).unwrap();
         }
         self.conns.reset(slot, gate);
+        self.set_live(1);
+    }
+
+    /// Sets the count of sessions with flows that the program reads first.
+    fn set_live(&mut self, n: u64) {
+        self.live.set(0, n, 0).unwrap();
     }
 
     /// A packet counter, summed over the CPUs.
@@ -375,6 +384,40 @@ fn a_spliced_session_is_rewritten_both_ways_with_valid_checksums() {
     assert_eq!((verdict, &out), (TC_ACT_UNSPEC, &stranger));
     assert_eq!(p.stat(STAT_REWRITTEN), 4, "four packets rewritten");
     assert_eq!(p.stat(STAT_FAILED), 0);
+}
+
+#[test]
+fn while_no_session_is_counted_live_packets_pass_without_a_lookup() {
+    let Some(mut p) = Prog::load() else { return };
+    let e = ends(41_000);
+    p.session(3, &e, GATE_SPLICED);
+    publish(&p, 3, &e, [1000, 0], [5000, 7000], [10, 42]);
+    let pkt = frame(&Seg {
+        from: e.client,
+        to: e.client_local,
+        seq: 10,
+        ack: 500,
+        flags: TH_PSH | TH_ACK,
+        win: 1000,
+        opts: &ts_opt(777, 0x1234),
+        payload: b"live?",
+    });
+    let rewritten = p.stat(STAT_REWRITTEN);
+
+    // The flows are there, but the count says none: the packet is not the
+    // program's, even though its flow would be rewritten.
+    p.set_live(0);
+    let (verdict, out) = p.run(&pkt);
+    assert_eq!(verdict, TC_ACT_UNSPEC);
+    assert_eq!(out, pkt, "passed unchanged");
+    assert_eq!(p.stat(STAT_REWRITTEN), rewritten);
+    assert_eq!(p.conns.counted(3, 0).1, 0, "nothing recorded");
+
+    p.set_live(1);
+    let (verdict, out) = p.run(&pkt);
+    assert_eq!(verdict, TC_ACT_OK);
+    check_frame(&out, e.origin_local, e.origin);
+    assert_eq!(p.stat(STAT_REWRITTEN), rewritten + 1);
 }
 
 #[test]
