@@ -7,7 +7,7 @@
 //! | `ws` | RFC 6455 handshake and frames (masked from the client) |
 //! | `origin` | the origin server (echo, sink, bulk) |
 //! | `load` | the workloads W1 to W4 |
-//! | `pool` | single-threaded runtimes, one per thread, for W2's clients |
+//! | `pool` | single-threaded runtimes on threads of their own, for W2's clients |
 //! | `netns` | the run's own network namespace and congestion control |
 //! | `targets` | starts and stops the proxies; installs the Debian ones |
 //! | `sys` | CPU, memory and fd-limit readings from /proc |
@@ -216,7 +216,10 @@ pub fn run(opts: &Opts) -> Result<String, String> {
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
-    let echo_pool = pool::Pool::new(2, "echo").map_err(|e| e.to_string())?;
+    // One thread: with two, on two cores beside the origin's two, the
+    // client threads took turns with the origin's, and the connections of
+    // the one waiting waited a scheduler slice (see `pool`).
+    let echo_pool = pool::Pool::new(1, "echo").map_err(|e| e.to_string())?;
     let mut running: Vec<Target> = Vec::new();
     for k in kinds {
         match Target::start(k, origin.addr, &opts.sluice) {

@@ -9,6 +9,15 @@
 //! many round trips as its least busy one (50 to 172 in 1.5 s), and those
 //! waits in the load generator, not the target, set the p99. On this pool
 //! the spread is 1.4 times (47 to 68).
+//!
+//! W2 uses one thread. With two, four threads of this process (two
+//! clients, two origin workers) were busy on two cores whenever the target
+//! was fast, and a preempted client thread held all its connections for a
+//! scheduler slice: at 100 × 64 B and 100 × 1 KiB direct's p99 was
+//! 4.4-4.6 ms against a p50 of 0.4-0.6 ms, and a slower target, nginx, had
+//! the lower tail. With one, direct's p99 there was 1.7-3.2 ms at the same
+//! rate within the noise (118-134 against 121-155 thousand messages/s;
+//! quick runs side by side, 2 rounds of 2 repetitions each).
 
 use std::future::Future;
 use std::thread::JoinHandle;
