@@ -726,9 +726,9 @@ mod tests {
         assert_eq!(pct(&v, 0.999), 999.0);
     }
 
-    #[test]
-    fn the_p99_check_names_the_cases_it_missed() {
-        let echo = |tg: &str, case: &str, p99_us: u32| Record {
+    /// One W2 repetition of `case` on `tg`, whose p99 is `p99_us`.
+    fn echo(tg: &str, case: &str, p99_us: u32) -> Record {
+        Record {
             workload: Workload::Echo,
             case: case.into(),
             target: tg.into(),
@@ -738,7 +738,22 @@ mod tests {
                 rtt_ns: vec![p99_us * 1000],
                 ..Run::default()
             }),
-        };
+        }
+    }
+
+    /// The added-p99 check's verdict for each of `targets`.
+    fn p99_verdicts(records: &[Record], cases: &[String], targets: &[&str]) -> Vec<String> {
+        let t = Table::new(records);
+        let all = checks(&t, "", "", cases);
+        let (_, _, p99) = all
+            .iter()
+            .find(|(name, _, _)| name.contains("p99"))
+            .unwrap();
+        targets.iter().map(|tg| p99(tg)).collect()
+    }
+
+    #[test]
+    fn the_p99_check_names_the_cases_it_missed() {
         let cases = [echo_case(1, 64), echo_case(100, 64)];
         let records = [
             echo("direct", &cases[0], 100),
@@ -748,58 +763,37 @@ mod tests {
             echo("nginx", &cases[1], 140),
             echo("sluice-userspace", &cases[1], 120),
         ];
-        let t = Table::new(&records);
-        let all = checks(&t, "", "", &cases);
-        let (_, _, p99) = all
-            .iter()
-            .find(|(name, _, _)| name.contains("p99"))
-            .unwrap();
         assert_eq!(
-            p99("sluice-userspace"),
-            "**missed** (met in 1 of 2 cases; missed: 1 x 64 B (by 10.0 µs))"
+            p99_verdicts(&records, &cases, &["sluice-userspace", "nginx"]),
+            [
+                "**missed** (met in 1 of 2 cases; missed: 1 x 64 B (by 10.0 µs))",
+                "met (in all 2 cases)"
+            ]
         );
-        assert_eq!(p99("nginx"), "met (in all 2 cases)");
     }
 
     #[test]
     fn a_p99_miss_within_the_repetitions_spread_says_so() {
-        let echo = |tg: &str, p99s: &[u32]| {
+        let cases = [echo_case(1, 64)];
+        let reps = |tg: &str, p99s: &[u32]| {
             p99s.iter()
-                .map(|&us| Record {
-                    workload: Workload::Echo,
-                    case: echo_case(1, 64),
-                    target: tg.into(),
-                    run: Ok(Run {
-                        secs: 1.0,
-                        count: 1.0,
-                        rtt_ns: vec![us * 1000],
-                        ..Run::default()
-                    }),
-                })
+                .map(|&us| echo(tg, &cases[0], us))
                 .collect::<Vec<_>>()
         };
-        let cases = [echo_case(1, 64)];
-        let mut records = echo("direct", &[100, 100, 100]);
-        records.extend(echo("nginx", &[140, 140, 140]));
+        let mut records = reps("direct", &[100, 100, 100]);
+        records.extend(reps("nginx", &[140, 140, 140]));
         // Median 150 (10 over nginx's), repetitions 120 to 180: a spread
         // of 60 µs.
-        records.extend(echo("sluice-userspace", &[120, 150, 180]));
+        records.extend(reps("sluice-userspace", &[120, 150, 180]));
         // Median 200, 60 over nginx's, more than any row's spread.
-        records.extend(echo("sluice-uring", &[190, 200, 210]));
-        let t = Table::new(&records);
-        let all = checks(&t, "", "", &cases);
-        let (_, _, p99) = all
-            .iter()
-            .find(|(name, _, _)| name.contains("p99"))
-            .unwrap();
+        records.extend(reps("sluice-uring", &[190, 200, 210]));
         assert_eq!(
-            p99("sluice-userspace"),
-            "**missed** (met in 0 of 1 cases; missed: 1 x 64 B (by 10.0 µs, within the \
-             60.0 µs its or nginx's p99 moved between repetitions))"
-        );
-        assert_eq!(
-            p99("sluice-uring"),
-            "**missed** (met in 0 of 1 cases; missed: 1 x 64 B (by 60.0 µs))"
+            p99_verdicts(&records, &cases, &["sluice-userspace", "sluice-uring"]),
+            [
+                "**missed** (met in 0 of 1 cases; missed: 1 x 64 B (by 10.0 µs, within the \
+                 60.0 µs its or nginx's p99 moved between repetitions))",
+                "**missed** (met in 0 of 1 cases; missed: 1 x 64 B (by 60.0 µs))"
+            ]
         );
     }
 
