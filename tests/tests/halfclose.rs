@@ -171,6 +171,10 @@ async fn the_last_bytes_before_a_reset_arrive_first_on_every_path() {
             assert_eq!(got, last, "{mode:?}: {who}");
             expect_reset(&mut victim, who, mode).await;
         }
+        // Each reset was taken by the mode's own path, not user space.
+        for by in ["reset by client", "reset by origin"] {
+            s.assert_own_path(&s.wait_log(by, Duration::from_secs(5)));
+        }
     }
 }
 

@@ -734,6 +734,14 @@ impl Dir {
         self.base_dst + self.redirected + self.user_written
     }
 
+    /// Whether `dst` has yet to take in bytes sent its way: redirected ones
+    /// may still sit in the psock's backlog (a work item sends them). What
+    /// a FIN (`pump`) and a reset (`settle_before_reset`) wait on.
+    fn dst_behind(&mut self, sm: &Sockmap, dst: BorrowedFd<'_>) -> io::Result<bool> {
+        self.redirected = sm.stats.load(self.slot).redirected;
+        Ok(sockopt::bytes_written(dst)? < self.sent())
+    }
+
     /// The source was reset: bytes the kernel redirected from it before
     /// the reset may still be in the psock's backlog, on their way into
     /// `dst` (a work item sends them). Resetting `dst` now would drop them,
@@ -745,14 +753,10 @@ impl Dir {
             return;
         }
         let end = std::time::Instant::now() + RESET_SETTLE;
-        loop {
-            self.redirected = sm.stats.load(self.slot).redirected;
-            match sockopt::bytes_written(fds[self.dst].as_fd()) {
-                Ok(w) if w < self.sent() && std::time::Instant::now() < end => {
-                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-                }
-                _ => return,
-            }
+        while matches!(self.dst_behind(sm, fds[self.dst].as_fd()), Ok(true))
+            && std::time::Instant::now() < end
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
     }
 
@@ -886,9 +890,7 @@ impl Dir {
             // has entered `dst`'s send queue. Once the source is out of the
             // map the verdict redirects no more, so one pass settles it.
             if !self.settled {
-                self.redirected = sm.stats.load(self.slot).redirected;
-                let written = sockopt::bytes_written(dst).map_err(|_| side_of(self.dst))?;
-                if written < self.sent() {
+                if self.dst_behind(sm, dst).map_err(|_| side_of(self.dst))? {
                     self.waiting = true;
                     return Ok(());
                 }
