@@ -29,7 +29,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use crate::accesslog;
 use crate::accounting::Accounting;
 use crate::config::Config;
-use crate::datapath::{DataPaths, Pair};
+use crate::datapath::{CloseReason, DataPath, DataPaths, Pair};
 use crate::error::ProxyError;
 use crate::handshake::{self, Reject, WsRequest, MAX_HEAD, MAX_HEADERS};
 use crate::response_body::{self, Chunked, Framing};
@@ -473,17 +473,20 @@ async fn linger_close(mut client: TcpStream) {
 async fn hand_off(pair: Pair, peer: SocketAddr, path: String, paths: Arc<DataPaths>) {
     let started = Instant::now();
     let acct = Arc::new(Accounting::default());
-    let (path_used, reason) = paths.relay(pair, acct.clone()).await;
-    let (c2o, o2c) = acct.totals();
-    accesslog::closed(&accesslog::Closed {
-        peer,
-        path: &path,
-        datapath: &path_used,
-        bytes_in: c2o,
-        bytes_out: o2c,
-        duration_ms: started.elapsed().as_millis() as u64,
-        reason: &reason,
+    let totals = acct.clone();
+    let closed = Box::new(move |path_used: DataPath, reason: CloseReason| {
+        let (c2o, o2c) = totals.totals();
+        accesslog::closed(&accesslog::Closed {
+            peer,
+            path: &path,
+            datapath: &path_used,
+            bytes_in: c2o,
+            bytes_out: o2c,
+            duration_ms: started.elapsed().as_millis() as u64,
+            reason: &reason,
+        });
     });
+    paths.relay(pair, acct, closed).await;
 }
 
 async fn connect(addr: SocketAddr, ctx: &ListenerCtx) -> std::io::Result<TcpStream> {

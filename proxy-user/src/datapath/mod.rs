@@ -156,6 +156,10 @@ pub struct Pair {
     pub origin_ahead: Bytes,
 }
 
+/// The close phase of one connection: called once, with the path that
+/// carried it and how it ended, by whichever task ends it.
+pub type OnClose = Box<dyn FnOnce(DataPath, CloseReason) + Send>;
+
 /// A connection that could not join a data path, handed back untouched
 /// (its read-ahead bytes still pending) so the next path can take it.
 #[derive(Debug)]
@@ -302,15 +306,20 @@ impl DataPaths {
     }
 
     /// Relays one connection on the primary path, falling back to the next
-    /// path if the connection cannot join it. Each path's future is boxed:
+    /// path if the connection cannot join it, and calls `closed` with the
+    /// path that carried it and how it ended. Each path's future is boxed:
     /// inline, every connection's task would be as large as the largest
-    /// path's state (sockmap's), whichever path carries it. Returns the path that carried
-    /// it and how it ended.
-    pub async fn relay(&self, pair: Pair, acct: Arc<Accounting>) -> (DataPath, CloseReason) {
-        let mut pair = pair;
+    /// path's state (sockmap's), whichever path carries it.
+    ///
+    /// On the io_uring path this returns once the connection joins it: the
+    /// relay's futures are not `Send`, so they run in a task of their own,
+    /// which calls `closed`, and the caller's task can end instead of
+    /// waiting beside it (W3 counts both per idle connection).
+    pub async fn relay(&self, pair: Pair, acct: Arc<Accounting>, closed: OnClose) {
+        let (mut pair, mut closed) = (pair, closed);
         if let Some(ts) = &self.tcpsplice {
             match Box::pin(self.splice(ts, pair, &acct)).await {
-                Ok(done) => return done,
+                Ok((path, reason)) => return closed(path, reason),
                 Err(p) => pair = p,
             }
         }
@@ -325,14 +334,14 @@ impl DataPaths {
         if joins && !self.promote_after.is_zero() {
             let first = userspace::relay_until_idle(pair, acct.clone(), self.promote_after);
             match Box::pin(first).await {
-                Ok(reason) => return (DataPath::Userspace, reason),
+                Ok(reason) => return closed(DataPath::Userspace, reason),
                 Err(p) => pair = p,
             }
         }
         if self.primary == DataPath::Sockmap {
             if let Some(sm) = &self.sockmap {
                 match Box::pin(sm.relay(pair, acct.clone())).await {
-                    Ok(reason) => return (DataPath::Sockmap, reason),
+                    Ok(reason) => return closed(DataPath::Sockmap, reason),
                     Err(f) => {
                         tracing::warn!("connection falls back from sockmap: {}", f.why);
                         pair = f.pair;
@@ -342,19 +351,18 @@ impl DataPaths {
         }
         if matches!(self.primary, DataPath::Sockmap | DataPath::Uring) {
             if let Some(u) = &self.uring {
-                match Box::pin(u.relay(pair, acct.clone())).await {
-                    Ok(reason) => return (DataPath::Uring, reason),
-                    Err(f) => {
-                        tracing::warn!("connection falls back from uring: {}", f.why);
-                        pair = f.pair;
+                match u.spawn(pair, acct.clone(), closed) {
+                    Ok(()) => return,
+                    Err(back) => {
+                        tracing::warn!("connection falls back from uring: {}", back.0.why);
+                        let (f, c) = *back;
+                        (pair, closed) = (f.pair, c);
                     }
                 }
             }
         }
-        (
-            DataPath::Userspace,
-            Box::pin(userspace::relay(pair, acct)).await,
-        )
+        let reason = Box::pin(userspace::relay(pair, acct)).await;
+        closed(DataPath::Userspace, reason)
     }
 
     /// The tcpsplice path: the user-space relay carries the session, and

@@ -39,11 +39,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use tokio_uring::buf::BoundedBuf;
 use tokio_uring::net::TcpStream;
 
 use super::pipe::{self, Pipe};
 use super::uring_splice::{self, KeepAlive};
-use super::{CloseReason, Fallback, Pair, Side};
+use super::{CloseReason, DataPath, Fallback, OnClose, Pair, Side};
 use crate::accounting::Accounting;
 use crate::sockopt;
 
@@ -157,17 +158,20 @@ impl UringRelay {
         })
     }
 
-    /// Relays one connection on this worker's ring; gives the pair back if
-    /// this thread has no ring (its runtime could not set one up). On a
-    /// worker with a ring, the caller runs in that runtime's `LocalSet`
-    /// (the server spawns every connection there).
-    pub async fn relay(
+    /// Starts relaying one connection on this worker's ring, in a local
+    /// task that calls `closed` when the connection ends; gives the pair
+    /// and `closed` back if this thread has no ring (its runtime could not
+    /// set one up). The caller runs in a worker's `LocalSet` (the server
+    /// spawns every connection there on a worker with a ring).
+    pub fn spawn(
         &self,
         pair: Pair,
         acct: Arc<Accounting>,
-    ) -> Result<CloseReason, Box<Fallback>> {
+        closed: OnClose,
+    ) -> Result<(), Box<(Fallback, OnClose)>> {
         if !WORKER.with(|w| w.get()) {
-            return Err(Fallback::new(pair, "this worker has no io_uring runtime"));
+            let f = Fallback::new(pair, "this worker has no io_uring runtime");
+            return Err(Box::new((*f, closed)));
         }
         let Pair {
             client,
@@ -177,7 +181,10 @@ impl UringRelay {
         } = pair;
         let (client, origin) = match (to_blocking_std(client), to_blocking_std(origin)) {
             (Ok(c), Ok(o)) => (c, o),
-            (Err(e), _) | (_, Err(e)) => return Ok(CloseReason::Internal(e.to_string())),
+            (Err(e), _) | (_, Err(e)) => {
+                closed(DataPath::Uring, CloseReason::Internal(e.to_string()));
+                return Ok(());
+            }
         };
         let job = Job {
             client,
@@ -188,10 +195,31 @@ impl UringRelay {
             large: self.large,
             splice: self.splice,
         };
-        // A task of its own: the relay's futures are !Send, the caller's are not.
-        Ok(tokio::task::spawn_local(run(job))
-            .await
-            .unwrap_or_else(|_| CloseReason::Internal("io_uring relay task ended".into())))
+        // A task of its own, as the relay's futures are !Send; the caller's
+        // task ends, so an idle connection holds this one task only.
+        let mut closed = CloseOnDrop(Some(closed));
+        tokio::task::spawn_local(async move {
+            let reason = run(job).await;
+            if let Some(c) = closed.0.take() {
+                c(DataPath::Uring, reason);
+            }
+        });
+        Ok(())
+    }
+}
+
+/// A relay task's close phase, run from its drop if the task ends without
+/// a reason: it panicked, or the runtime shut down under it.
+struct CloseOnDrop(Option<OnClose>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.take() {
+            c(
+                DataPath::Uring,
+                CloseReason::Internal("io_uring relay task ended".into()),
+            );
+        }
     }
 }
 
@@ -276,7 +304,7 @@ async fn pump(
     };
     if !ahead.is_empty() {
         let n = ahead.len() as u64;
-        dst.write_all(ahead.to_vec())
+        write_all(dst, ahead.to_vec())
             .await
             .0
             .map_err(|_| dst_side)?;
@@ -324,7 +352,7 @@ async fn pump(
         }
         drained = n < size;
         slow = waiting.elapsed() >= IDLE;
-        let (res, b) = dst.write_all(buf.0.take().unwrap_or_default()).await;
+        let (res, b) = write_all(dst, buf.0.take().unwrap_or_default()).await;
         buf.0 = Some(b);
         res.map_err(|_| dst_side)?;
         acct.add(to_origin, n as u64);
@@ -337,7 +365,11 @@ async fn pump(
                         dst: Rc::clone(dst),
                         pipe,
                     });
-                    match stream(ep, acct, to_origin, large, (src_side, dst_side)).await? {
+                    // Boxed: inline, this rare state would set the size of
+                    // every connection's task.
+                    let streamed =
+                        Box::pin(stream(ep, acct, to_origin, large, (src_side, dst_side)));
+                    match streamed.await? {
                         Streamed::Eof => {
                             pass_fin(dst, first_fin);
                             return Ok(());
@@ -358,6 +390,24 @@ async fn pump(
             buf = PooledBuf::take(want, large);
         }
     }
+}
+
+/// Writes all of `buf` to `dst`, one `IORING_OP_WRITE` per partial write.
+/// tokio-uring's own `write_all` does the same through two more nested
+/// futures: 272 bytes of state against this one's 144, in each direction
+/// of every relayed connection (`-Zprint-type-sizes`).
+async fn write_all(dst: &TcpStream, mut buf: Vec<u8>) -> (io::Result<()>, Vec<u8>) {
+    let mut at = 0;
+    while at < buf.len() {
+        let (res, slice) = dst.write(buf.slice(at..)).submit().await;
+        buf = slice.into_inner();
+        match res {
+            Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), buf),
+            Ok(n) => at += n,
+            Err(e) => return (Err(e), buf),
+        }
+    }
+    (Ok(()), buf)
 }
 
 /// What a streaming direction's splices hold: its two sockets and its pipe
