@@ -469,7 +469,9 @@ async fn linger_close(mut client: TcpStream) {
     .await;
 }
 
-/// Phases hand-off and close.
+/// Phases hand-off and close. The close phase (the access log line) runs
+/// in whichever task ends the session: this one, or on the io_uring path
+/// the relay's own task, which this one leaves to it.
 async fn hand_off(pair: Pair, peer: SocketAddr, path: String, paths: Arc<DataPaths>) {
     let started = Instant::now();
     let acct = Arc::new(Accounting::default());
