@@ -292,8 +292,8 @@ pub fn run(opts: &Opts) -> Result<String, String> {
     let n_targets = running.len();
     for (w, case) in &cases {
         for rep in 0..plan.reps_of(*w) {
-            for k in 0..n_targets {
-                let t = &mut running[(k + rep) % n_targets];
+            for i in round_order(n_targets, rep) {
+                let t = &mut running[i];
                 // W3 measures what connections add to a fresh process: in one
                 // that ran W1 and W2, freed and pooled memory hides the cost.
                 if *w == Workload::Idle {
@@ -394,6 +394,12 @@ pub fn run(opts: &Opts) -> Result<String, String> {
     report::write(opts, &plan, &net, &names, &records, &notes)
 }
 
+/// The targets' order in repetition `rep`: one further on each time, so
+/// that over `n` repetitions each target runs once in each place.
+fn round_order(n: usize, rep: usize) -> impl Iterator<Item = usize> {
+    (0..n).map(move |k| (k + rep) % n)
+}
+
 fn measure(
     rt: &tokio::runtime::Runtime,
     echo_pool: &pool::Pool,
@@ -421,4 +427,29 @@ fn measure(
             .await
             .unwrap_or_else(|_| Err(format!("no result within {limit:?}")))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::round_order;
+
+    #[test]
+    fn over_n_repetitions_each_target_runs_once_in_each_place() {
+        let n = 8;
+        // seen[target][place]
+        let mut seen = vec![vec![0; n]; n];
+        for rep in 0..n {
+            let order: Vec<usize> = round_order(n, rep).collect();
+            let mut sorted = order.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, (0..n).collect::<Vec<_>>(), "rep {rep}: {order:?}");
+            for (place, &t) in order.iter().enumerate() {
+                seen[t][place] += 1;
+            }
+        }
+        assert!(seen.iter().flatten().all(|&c| c == 1), "{seen:?}");
+        // The first repetition keeps the tables' order.
+        assert_eq!(round_order(3, 0).collect::<Vec<_>>(), [0, 1, 2]);
+        assert_eq!(round_order(3, 1).collect::<Vec<_>>(), [1, 2, 0]);
+    }
 }
