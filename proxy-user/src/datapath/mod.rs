@@ -316,7 +316,7 @@ impl DataPaths {
     /// which calls `closed`, and the caller's task can end instead of
     /// waiting beside it (W3 counts both per idle connection).
     pub async fn relay(&self, pair: Pair, acct: Arc<Accounting>, closed: OnClose) {
-        let (mut pair, mut closed) = (pair, closed);
+        let mut pair = pair;
         if let Some(ts) = &self.tcpsplice {
             match Box::pin(self.splice(ts, pair, &acct)).await {
                 Ok((path, reason)) => return closed(path, reason),
@@ -351,14 +351,12 @@ impl DataPaths {
         }
         if matches!(self.primary, DataPath::Sockmap | DataPath::Uring) {
             if let Some(u) = &self.uring {
-                match u.spawn(pair, acct.clone(), closed) {
-                    Ok(()) => return,
-                    Err(back) => {
-                        tracing::warn!("connection falls back from uring: {}", back.0.why);
-                        let (f, c) = *back;
-                        (pair, closed) = (f.pair, c);
-                    }
+                if u.here() {
+                    return u.spawn(pair, acct, closed);
                 }
+                tracing::warn!(
+                    "connection falls back from uring: this worker has no io_uring runtime"
+                );
             }
         }
         let reason = Box::pin(userspace::relay(pair, acct)).await;

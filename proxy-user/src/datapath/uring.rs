@@ -44,7 +44,7 @@ use tokio_uring::net::TcpStream;
 
 use super::pipe::{self, Pipe};
 use super::uring_splice::{self, KeepAlive};
-use super::{CloseReason, DataPath, Fallback, OnClose, Pair, Side};
+use super::{CloseReason, DataPath, OnClose, Pair, Side};
 use crate::accounting::Accounting;
 use crate::sockopt;
 
@@ -158,21 +158,17 @@ impl UringRelay {
         })
     }
 
-    /// Starts relaying one connection on this worker's ring, in a local
-    /// task that calls `closed` when the connection ends; gives the pair
-    /// and `closed` back if this thread has no ring (its runtime could not
-    /// set one up). The caller runs in a worker's `LocalSet` (the server
-    /// spawns every connection there on a worker with a ring).
-    pub fn spawn(
-        &self,
-        pair: Pair,
-        acct: Arc<Accounting>,
-        closed: OnClose,
-    ) -> Result<(), Box<(Fallback, OnClose)>> {
-        if !WORKER.with(|w| w.get()) {
-            let f = Fallback::new(pair, "this worker has no io_uring runtime");
-            return Err(Box::new((*f, closed)));
-        }
+    /// Whether this thread has a ring to relay on: a worker whose runtime
+    /// set one up (see [`worker_runtime`]).
+    pub fn here(&self) -> bool {
+        WORKER.with(|w| w.get())
+    }
+
+    /// Starts relaying one connection on this worker's ring ([`Self::here`]
+    /// must hold), in a local task that calls `closed` when the connection
+    /// ends. The caller runs in that worker's `LocalSet` (the server spawns
+    /// every connection there on a worker with a ring).
+    pub fn spawn(&self, pair: Pair, acct: Arc<Accounting>, closed: OnClose) {
         let Pair {
             client,
             client_ahead,
@@ -182,8 +178,7 @@ impl UringRelay {
         let (client, origin) = match (to_blocking_std(client), to_blocking_std(origin)) {
             (Ok(c), Ok(o)) => (c, o),
             (Err(e), _) | (_, Err(e)) => {
-                closed(DataPath::Uring, CloseReason::Internal(e.to_string()));
-                return Ok(());
+                return closed(DataPath::Uring, CloseReason::Internal(e.to_string()))
             }
         };
         let job = Job {
@@ -198,28 +193,26 @@ impl UringRelay {
         // A task of its own, as the relay's futures are !Send; the caller's
         // task ends, so an idle connection holds this one task only.
         let mut closed = CloseOnDrop(Some(closed));
-        tokio::task::spawn_local(async move {
-            let reason = run(job).await;
-            if let Some(c) = closed.0.take() {
-                c(DataPath::Uring, reason);
-            }
-        });
-        Ok(())
+        tokio::task::spawn_local(async move { closed.close(run(job).await) });
     }
 }
 
-/// A relay task's close phase, run from its drop if the task ends without
-/// a reason: it panicked, or the runtime shut down under it.
+/// A relay task's close phase, run once: when the relay ends, or from the
+/// drop if the task ends without a reason (it panicked, or the runtime
+/// shut down under it).
 struct CloseOnDrop(Option<OnClose>);
+
+impl CloseOnDrop {
+    fn close(&mut self, reason: CloseReason) {
+        if let Some(c) = self.0.take() {
+            c(DataPath::Uring, reason);
+        }
+    }
+}
 
 impl Drop for CloseOnDrop {
     fn drop(&mut self) {
-        if let Some(c) = self.0.take() {
-            c(
-                DataPath::Uring,
-                CloseReason::Internal("io_uring relay task ended".into()),
-            );
-        }
+        self.close(CloseReason::Internal("io_uring relay task ended".into()));
     }
 }
 
