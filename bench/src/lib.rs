@@ -177,6 +177,7 @@ pub fn run(opts: &Opts) -> Result<String, String> {
         .into_iter()
         .filter(|k| opts.only.is_empty() || opts.only.contains(&k.name()))
         .collect();
+    targets::sweep_stale_dirs();
     for (k, why) in targets::ensure_installed(&kinds) {
         notes.push(format!("{}: left out, {why}", k.name()));
         kinds.retain(|x| *x != k);

@@ -192,6 +192,7 @@ impl Target {
         };
         let log = std::fs::File::create(dir.join("stderr.log")).map_err(|e| e.to_string())?;
         let log2 = log.try_clone().map_err(|e| e.to_string())?;
+        die_with_parent(&mut cmd);
         let child = cmd
             .stdin(Stdio::null())
             .stdout(log)
@@ -352,6 +353,52 @@ impl Target {
     }
 }
 
+/// Removes the working directories that runs killed before their cleanup
+/// left in the temp dir (`sluice-bench-<pid>-<target>` of a pid that is
+/// gone).
+pub fn sweep_stale_dirs() {
+    let Ok(rd) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("sluice-bench-")) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// Makes the process `cmd` starts get SIGTERM when the thread that starts
+/// it ends: a bench killed with SIGTERM or SIGKILL (no `Drop` runs then)
+/// still leaves no proxy running. nginx's and HAProxy's workers follow
+/// their master. The signal comes when the *thread* that forked exits
+/// (prctl(2)), so targets are started on the run's main thread only.
+pub fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: getpid has no preconditions.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: the closure runs in the child between fork and exec, and
+    // makes only async-signal-safe calls (prctl, getppid, kill).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent died before the prctl took effect.
+            if libc::getppid() != parent {
+                libc::kill(libc::getpid(), libc::SIGTERM);
+            }
+            Ok(())
+        });
+    }
+}
+
 impl Drop for Target {
     fn drop(&mut self) {
         self.stop();
@@ -424,4 +471,39 @@ http://{addr} {{
 }}
 "
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+
+    #[test]
+    fn a_target_ends_when_the_thread_that_started_it_ends() {
+        // Started from a thread that then ends, as if the bench were killed.
+        let mut child = std::thread::spawn(|| {
+            let mut cmd = Command::new("sleep");
+            cmd.arg("30");
+            die_with_parent(&mut cmd);
+            cmd.spawn().expect("spawn sleep")
+        })
+        .join()
+        .expect("the spawning thread");
+        let end = Instant::now() + Duration::from_secs(5);
+        let status = loop {
+            if let Some(st) = child.try_wait().expect("try_wait") {
+                break Some(st);
+            }
+            if Instant::now() > end {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let Some(status) = status else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the target outlived the thread that started it by 5 s");
+        };
+        assert_eq!(status.signal(), Some(libc::SIGTERM), "{status:?}");
+    }
 }
