@@ -1,0 +1,228 @@
+//! The benchmark harness as an operator runs it (`cargo xtask bench`): a
+//! small run against direct and Sluice's user-space path writes its report,
+//! its data and its four charts and leaves nothing behind; a run killed
+//! mid-way takes its targets with it.
+//!
+//! As root (CI) the harness measures in a network namespace of its own;
+//! otherwise in the host's, on loopback either way.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sluice_e2e::sluice_bin;
+
+/// `sluice-bench` beside the `sluice` binary the suite runs.
+fn bench_bin() -> PathBuf {
+    let p = sluice_bin().with_file_name("sluice-bench");
+    assert!(
+        p.exists(),
+        "{} is missing: build it with `cargo build --release -p sluice-bench` or run `cargo xtask test`",
+        p.display()
+    );
+    p
+}
+
+/// A fresh output directory for one test.
+fn out_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("sluice-e2e-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("output directory");
+    d
+}
+
+/// Waits for `child` for at most `limit`; kills it and fails after.
+fn wait_for(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let end = Instant::now() + limit;
+    loop {
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            return st;
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("sluice-bench still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The pids whose parent is `parent` (from `/proc/<pid>/stat`).
+fn children_of(parent: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // The fields after the command's closing parenthesis: state, ppid.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        if rest.split_whitespace().nth(1) == Some(&parent.to_string()) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Whether `pid` still runs (a zombie no longer does; in a container
+/// nobody may reap it).
+fn running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// The working directories the run with pid `pid` made for its targets.
+fn target_dirs(pid: u32) -> Vec<PathBuf> {
+    let prefix = format!("sluice-bench-{pid}-");
+    std::fs::read_dir(std::env::temp_dir())
+        .expect("temp dir")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path())
+        .collect()
+}
+
+/// The sessions/s of `target` in the report's W4 table.
+fn w4_rate(md: &str, target: &str) -> f64 {
+    let table = md
+        .split("## W4 handshakes")
+        .nth(1)
+        .expect("the report has a W4 section");
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(&format!("| {target} |")))
+        .unwrap_or_else(|| panic!("no W4 row for {target} in:\n{table}"));
+    row.split('|')
+        .nth(2)
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no sessions/s in {row}"))
+}
+
+fn files_with(dir: &Path, ext: &str) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .expect("output directory")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == ext))
+        .collect()
+}
+
+#[test]
+fn a_small_run_writes_its_report_and_leaves_nothing_running() {
+    let out = out_dir("bench-small");
+    let mut child = Command::new(bench_bin())
+        .args(["--quick", "--targets", "direct,sluice-userspace"])
+        .args([
+            "--workloads",
+            "w2,w4",
+            "--echo-conns",
+            "1",
+            "--echo-sizes",
+            "64",
+        ])
+        .args(["--reps", "1", "--out"])
+        .arg(&out)
+        .arg("--sluice")
+        .arg(sluice_bin())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start sluice-bench");
+    let pid = child.id();
+    let mut stdout = child.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stdout, &mut s);
+        s
+    });
+    let status = wait_for(&mut child, Duration::from_secs(180));
+    let printed = reader.join().expect("stdout reader");
+    assert!(status.success(), "sluice-bench: {status}\n{printed}");
+
+    let md = files_with(&out, "md");
+    assert_eq!(md.len(), 1, "one report: {md:?}");
+    let report = std::fs::read_to_string(&md[0]).expect("report");
+    assert_eq!(printed.trim(), report.trim(), "stdout is the report");
+    let direct = w4_rate(&report, "direct");
+    let sluice = w4_rate(&report, "sluice-userspace");
+    println!("W4, quick, 1 repetition: direct {direct} sessions/s, sluice-userspace {sluice}");
+    assert!(direct > 0.0 && sluice > 0.0, "{direct} {sluice}");
+    assert!(
+        report.contains("| 1 x 64 B | sluice-userspace |"),
+        "no W2 row:\n{report}"
+    );
+    assert_eq!(files_with(&out, "json").len(), 1, "one data file");
+    assert_eq!(files_with(&out, "svg").len(), 4, "a chart per workload");
+    assert!(
+        target_dirs(pid).is_empty(),
+        "working directories left: {:?}",
+        target_dirs(pid)
+    );
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn a_killed_run_takes_its_targets_with_it() {
+    let out = out_dir("bench-killed");
+    let mut child = Command::new(bench_bin())
+        .args(["--quick", "--targets", "sluice-userspace"])
+        .args(["--workloads", "w4", "--reps", "100", "--out"])
+        .arg(&out)
+        .arg("--sluice")
+        .arg(sluice_bin())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start sluice-bench");
+    let pid = child.id();
+    // The daemon it starts for the row.
+    let end = Instant::now() + Duration::from_secs(60);
+    let target = loop {
+        let daemon = |c: &u32| {
+            std::fs::read(format!("/proc/{c}/cmdline"))
+                .is_ok_and(|cmd| cmd.split(|&b| b == 0).any(|a| a == b"--listen"))
+        };
+        if let Some(c) = children_of(pid)
+            .into_iter()
+            .find(|c| daemon(c) && running(*c))
+        {
+            break c;
+        }
+        if Instant::now() > end || child.try_wait().expect("try_wait").is_some() {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("sluice-bench started no target within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // SIGKILL: no Drop runs in the harness.
+    child.kill().expect("kill sluice-bench");
+    let _ = child.wait();
+    let end = Instant::now() + Duration::from_secs(10);
+    while running(target) && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let left = running(target);
+    if left {
+        // SAFETY: plain kill(2) of the process this test made the harness start.
+        unsafe { libc::kill(target as i32, libc::SIGKILL) };
+    }
+    assert!(
+        !left,
+        "the target ({target}) still ran 10 s after its harness was killed"
+    );
+    println!("the target ({target}) ended with its killed harness");
+    for d in target_dirs(pid) {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}
