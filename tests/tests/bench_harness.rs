@@ -23,6 +23,22 @@ fn bench_bin() -> PathBuf {
     p
 }
 
+/// Starts a quick run with `args`, its report into `out`; progress and
+/// notes go to the test's stderr.
+fn start_bench(args: &[&str], out: &Path, stdout: Stdio) -> Child {
+    Command::new(bench_bin())
+        .arg("--quick")
+        .args(args)
+        .arg("--out")
+        .arg(out)
+        .arg("--sluice")
+        .arg(sluice_bin())
+        .stdout(stdout)
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start sluice-bench")
+}
+
 /// A fresh output directory for one test.
 fn out_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("sluice-e2e-{name}-{}", std::process::id()));
@@ -119,24 +135,22 @@ fn files_with(dir: &Path, ext: &str) -> Vec<PathBuf> {
 #[test]
 fn a_small_run_writes_its_report_and_leaves_nothing_running() {
     let out = out_dir("bench-small");
-    let mut child = Command::new(bench_bin())
-        .args(["--quick", "--targets", "direct,sluice-userspace"])
-        .args([
+    let mut child = start_bench(
+        &[
+            "--targets",
+            "direct,sluice-userspace",
             "--workloads",
             "w2,w4",
             "--echo-conns",
             "1",
             "--echo-sizes",
             "64",
-        ])
-        .args(["--reps", "1", "--out"])
-        .arg(&out)
-        .arg("--sluice")
-        .arg(sluice_bin())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start sluice-bench");
+            "--reps",
+            "1",
+        ],
+        &out,
+        Stdio::piped(),
+    );
     let pid = child.id();
     let mut stdout = child.stdout.take().expect("stdout");
     let reader = std::thread::spawn(move || {
@@ -173,16 +187,18 @@ fn a_small_run_writes_its_report_and_leaves_nothing_running() {
 #[test]
 fn a_killed_run_takes_its_targets_with_it() {
     let out = out_dir("bench-killed");
-    let mut child = Command::new(bench_bin())
-        .args(["--quick", "--targets", "sluice-userspace"])
-        .args(["--workloads", "w4", "--reps", "100", "--out"])
-        .arg(&out)
-        .arg("--sluice")
-        .arg(sluice_bin())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start sluice-bench");
+    let mut child = start_bench(
+        &[
+            "--targets",
+            "sluice-userspace",
+            "--workloads",
+            "w4",
+            "--reps",
+            "100",
+        ],
+        &out,
+        Stdio::null(),
+    );
     let pid = child.id();
     // The daemon it starts for the row.
     let end = Instant::now() + Duration::from_secs(60);
