@@ -79,7 +79,7 @@ async fn ten_thousand_sessions_leave_no_fds_or_memory_on_every_path() {
     for mode in modes() {
         let s = Sluice::start(mode, origin);
         // Warm-up to the high-water marks (allocator, the uring buffer pool,
-        // which keeps as many buffers as were ever busy at once): at twice
+        // which keeps up to 64 buffers per worker): at twice
         // the measured concurrency, so the batches below stay within them.
         sessions(&s.url(), 20_000, 2 * CONCURRENCY, false).await;
         tokio::time::sleep(Duration::from_millis(1500)).await;
