@@ -63,37 +63,35 @@ fn wait_for(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
     }
 }
 
-/// The pids whose parent is `parent` (from `/proc/<pid>/stat`).
+/// The fields of `/proc/<pid>/stat` after the command's closing
+/// parenthesis (state, ppid, ...), if the process is there.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
+/// The pids whose parent is `parent`.
 fn children_of(parent: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // The fields after the command's closing parenthesis: state, ppid.
-        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-            continue;
-        };
-        if rest.split_whitespace().nth(1) == Some(&parent.to_string()) {
-            out.push(pid);
-        }
-    }
-    out
+    let parent = parent.to_string();
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| stat_fields(pid).is_some_and(|f| f.get(1) == Some(&parent)))
+        .collect()
 }
 
 /// Whether `pid` still runs (a zombie no longer does; in a container
 /// nobody may reap it).
 fn running(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, r)| r.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
-    }
+    stat_fields(pid).is_some_and(|f| f.first().is_some_and(|s| s != "Z" && s != "X"))
+}
+
+/// Whether `pid` is a proxy daemon the harness started (it has `--listen`).
+fn is_daemon(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|cmd| cmd.split(|&b| b == 0).any(|a| a == b"--listen"))
 }
 
 /// The working directories the run with pid `pid` made for its targets.
@@ -203,13 +201,9 @@ fn a_killed_run_takes_its_targets_with_it() {
     // The daemon it starts for the row.
     let end = Instant::now() + Duration::from_secs(60);
     let target = loop {
-        let daemon = |c: &u32| {
-            std::fs::read(format!("/proc/{c}/cmdline"))
-                .is_ok_and(|cmd| cmd.split(|&b| b == 0).any(|a| a == b"--listen"))
-        };
         if let Some(c) = children_of(pid)
             .into_iter()
-            .find(|c| daemon(c) && running(*c))
+            .find(|&c| is_daemon(c) && running(c))
         {
             break c;
         }

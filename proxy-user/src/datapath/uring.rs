@@ -564,7 +564,8 @@ impl Drop for PooledBuf {
             if let Some(i) = pool_of(b.capacity(), self.1) {
                 POOLS.with(|p| {
                     let pool = &mut p.borrow_mut()[i];
-                    if pool.len() < if i == 0 { SMALL_KEPT } else { LARGE_KEPT } {
+                    let kept = if i == 0 { SMALL_KEPT } else { LARGE_KEPT };
+                    if pool.len() < kept {
                         pool.push(b);
                     }
                 });
