@@ -166,8 +166,11 @@ pub type OnClose = Box<dyn FnOnce(DataPath, CloseReason) + Send>;
 pub struct Fallback {
     /// The connection.
     pub pair: Pair,
-    /// Why it could not join.
+    /// Why it could not join, or why it left.
     pub why: String,
+    /// The path let it go by design (say, sockmap's pair whose directions
+    /// both stream in user space), not because something failed.
+    pub planned: bool,
 }
 
 impl Fallback {
@@ -176,6 +179,16 @@ impl Fallback {
         Box::new(Fallback {
             pair,
             why: why.into(),
+            planned: false,
+        })
+    }
+
+    /// A connection a path hands on by design, mid-way through its life.
+    pub fn planned(pair: Pair, why: impl Into<String>) -> Box<Fallback> {
+        Box::new(Fallback {
+            pair,
+            why: why.into(),
+            planned: true,
         })
     }
 }
@@ -342,6 +355,13 @@ impl DataPaths {
             if let Some(sm) = &self.sockmap {
                 match Box::pin(sm.relay(pair, acct.clone())).await {
                     Ok(reason) => return closed(DataPath::Sockmap, reason),
+                    Err(f) if f.planned => {
+                        tracing::debug!("connection leaves sockmap: {}", f.why);
+                        // The close line names the path the session joined;
+                        // sockmap's own lines said when its directions moved.
+                        let closed: OnClose = Box::new(move |_, r| closed(DataPath::Sockmap, r));
+                        return self.relay_rest(f.pair, acct, closed).await;
+                    }
                     Err(f) => {
                         tracing::warn!("connection falls back from sockmap: {}", f.why);
                         pair = f.pair;
@@ -349,6 +369,13 @@ impl DataPaths {
                 }
             }
         }
+        self.relay_rest(pair, acct, closed).await
+    }
+
+    /// The rest of a connection that the chosen path did not take, or let
+    /// go: on io_uring where the chosen path falls back to it, else in the
+    /// user-space relay.
+    async fn relay_rest(&self, pair: Pair, acct: Arc<Accounting>, closed: OnClose) {
         if matches!(self.primary, DataPath::Sockmap | DataPath::Uring) {
             if let Some(u) = &self.uring {
                 if u.here() {
