@@ -38,8 +38,8 @@ use targets::{Kind, Target};
 /// before the FIN goes out).
 const MOVED: [(&str, &str); 2] = [
     (
-        "bytes behind (half of",
-        "a receiver fell half of limits.max_buffer_per_direction behind; the rest of that direction went through user space",
+        "bytes behind at a check (a stream",
+        "a stream: its receiver fell a sixteenth of limits.max_buffer_per_direction behind the kernel's redirect; the rest of the connection went through user space",
     ),
     (
         "the other direction half-closed; this direction continues",

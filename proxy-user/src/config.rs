@@ -92,7 +92,8 @@ pub struct Limits {
     /// Upper bound of bytes the proxy holds for one direction of one
     /// connection in its socket buffers and user buffers. Every path applies
     /// backpressure to stay within it; on sockmap, a direction whose
-    /// receiver falls half of it behind moves to user space.
+    /// receiver falls a sixteenth of it behind (a stream) moves to user
+    /// space.
     ///
     /// Default 32 MiB: what the host's TCP autotuning lets one direct
     /// connection hold (`tcp_rmem` max 32 MiB on Debian and here). The
@@ -104,7 +105,7 @@ pub struct Limits {
     /// On the sockmap path, the last resort: the kernel drops past this many
     /// bytes behind the receiver and the pair is reset (only if user space
     /// could not move the direction in time). At least
-    /// `max_buffer_per_direction`, so the move at half of that comes first.
+    /// `max_buffer_per_direction`, so the move to user space comes first.
     pub sockmap_max_queued: u64,
     /// How many connections the sockmap path carries at once; the next ones
     /// fall back to the next path (uring, then userspace), with a log line.
@@ -255,9 +256,9 @@ impl Config {
             ));
         }
         if self.limits.sockmap_max_queued < self.limits.max_buffer_per_direction {
-            // A direction moves to user space at half of max_buffer; below
-            // that the hard limit would trip first and reset every bulk
-            // transfer whose receiver falls behind.
+            // A direction moves to user space well within max_buffer; below
+            // it the hard limit could trip first and reset a bulk transfer
+            // whose receiver falls behind before user space looks.
             return Err(invalid(
                 "limits.sockmap_max_queued",
                 &format!(

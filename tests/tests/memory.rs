@@ -158,7 +158,7 @@ async fn a_flooding_client_is_held_to_the_bound_on_every_path() {
             p.received as f64 / 1e6
         );
         if mode == Mode::Sockmap {
-            // The kernel relays until the receiver is half the bound behind,
+            // The kernel relays until the receiver falls behind (a stream),
             // then the direction moves to user space, with backpressure.
             let line = s.wait_log("continues in user space", Duration::from_secs(5));
             assert!(line.contains("client -> origin"), "{line}");
