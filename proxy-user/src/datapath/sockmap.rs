@@ -592,7 +592,14 @@ impl Sockmap {
                 } else {
                     (&mut second[0], &mut first[0])
                 };
-                if d.streaming && !d.active && other.active && !other.done && !other.fin_seen {
+                // `soft` is u64::MAX once a move failed: not tried again.
+                if d.streaming
+                    && !d.active
+                    && other.active
+                    && !other.done
+                    && !other.fin_seen
+                    && other.soft != u64::MAX
+                {
                     other.demote(self, fds, "the other direction streams in user space");
                 }
             }
