@@ -356,7 +356,15 @@ impl DataPaths {
                 match Box::pin(sm.relay(pair, acct.clone())).await {
                     Ok(reason) => return closed(DataPath::Sockmap, reason),
                     Err(f) if f.planned => {
-                        tracing::debug!("connection leaves sockmap: {}", f.why);
+                        tracing::info!(
+                            "connection leaves sockmap for the {} relay: {}",
+                            if self.uring.as_ref().is_some_and(|u| u.here()) {
+                                "io_uring"
+                            } else {
+                                "user-space"
+                            },
+                            f.why
+                        );
                         // The close line names the path the session joined;
                         // sockmap's own lines said when its directions moved.
                         let closed: OnClose = Box::new(move |_, r| closed(DataPath::Sockmap, r));
