@@ -129,6 +129,8 @@ pub struct Target {
     pub addr: SocketAddr,
     child: Option<Child>,
     dir: Option<PathBuf>,
+    /// The working directory's [`OWNER`] file, locked while this run lives.
+    _owner: Option<std::fs::File>,
 }
 
 impl Target {
@@ -140,6 +142,7 @@ impl Target {
                 addr: origin,
                 child: None,
                 dir: None,
+                _owner: None,
             });
         }
         let addr = free_addr().map_err(|e| e.to_string())?;
@@ -150,6 +153,7 @@ impl Target {
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let owner = lock_owner(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let mut cmd = match kind {
             Kind::Direct => unreachable!("handled above"),
             Kind::Sluice(path) => {
@@ -204,6 +208,7 @@ impl Target {
             addr,
             child: Some(child),
             dir: Some(dir),
+            _owner: Some(owner),
         };
         t.wait_listening()?;
         Ok(t)
@@ -353,11 +358,56 @@ impl Target {
     }
 }
 
+/// The file in a working directory that its run holds an exclusive
+/// `flock` on while it lives.
+const OWNER: &str = ".owner";
+
+/// Creates and locks `dir`'s [`OWNER`] file; the lock lasts as long as the
+/// returned file is open (the kernel drops it when the run dies, however
+/// it dies). Not inherited by the targets (`O_CLOEXEC`).
+fn lock_owner(dir: &Path) -> std::io::Result<std::fs::File> {
+    let f = std::fs::File::create(dir.join(OWNER))?;
+    if !try_lock(&f)? {
+        return Err(std::io::Error::other("another run holds this directory"));
+    }
+    Ok(f)
+}
+
+/// `flock(LOCK_EX | LOCK_NB)`: whether the lock was taken.
+fn try_lock(f: &std::fs::File) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on an fd we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    if e.kind() == std::io::ErrorKind::WouldBlock {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
+/// Whether the run that made working directory `dir` is gone: nobody holds
+/// its [`OWNER`] lock. A lock works across pid namespaces that share the
+/// temp dir, where a pid in the name could belong to anyone; a directory
+/// without the file (made before it existed) falls back to that pid.
+fn abandoned(dir: &Path, pid: u32) -> bool {
+    match std::fs::File::open(dir.join(OWNER)) {
+        Ok(f) => matches!(try_lock(&f), Ok(true)),
+        Err(_) => pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists(),
+    }
+}
+
 /// Removes the working directories that runs killed before their cleanup
-/// left in the temp dir (`sluice-bench-<pid>-<target>` of a pid that is
-/// gone).
+/// left in the temp dir (`sluice-bench-<pid>-<target>` whose run is gone,
+/// see [`abandoned`]).
 pub fn sweep_stale_dirs() {
-    let Ok(rd) = std::fs::read_dir(std::env::temp_dir()) else {
+    sweep_stale_dirs_in(&std::env::temp_dir());
+}
+
+fn sweep_stale_dirs_in(tmp: &Path) {
+    let Ok(rd) = std::fs::read_dir(tmp) else {
         return;
     };
     for e in rd.flatten() {
@@ -368,7 +418,7 @@ pub fn sweep_stale_dirs() {
         let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
             continue;
         };
-        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+        if abandoned(&e.path(), pid) {
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
@@ -505,5 +555,36 @@ mod tests {
             panic!("the target outlived the thread that started it by 5 s");
         };
         assert_eq!(status.signal(), Some(libc::SIGTERM), "{status:?}");
+    }
+
+    #[test]
+    fn only_directories_whose_run_is_gone_are_swept() {
+        let tmp = std::env::temp_dir().join(format!("sweep-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let dir = |name: &str| {
+            let d = tmp.join(name);
+            std::fs::create_dir_all(&d).unwrap();
+            d
+        };
+        // A live run's directory, under a pid this process cannot see (as
+        // from another pid namespace): its lock keeps it.
+        let live = dir("sluice-bench-4000000-nginx");
+        let held = lock_owner(&live).unwrap();
+        // A dead run's: its lock file is there, nobody holds it.
+        let dead = dir("sluice-bench-4000001-nginx");
+        drop(lock_owner(&dead).unwrap());
+        // An older run's, without the file, of a pid that is gone.
+        let old = dir("sluice-bench-4000002-haproxy");
+        // Not ours at all.
+        let other = dir("something-else");
+        sweep_stale_dirs_in(&tmp);
+        assert!(live.exists(), "a live run's directory was removed");
+        assert!(!dead.exists(), "a dead run's directory was kept");
+        assert!(!old.exists(), "a dead old-style run's directory was kept");
+        assert!(other.exists());
+        drop(held);
+        sweep_stale_dirs_in(&tmp);
+        assert!(!live.exists(), "kept after its run let go");
+        let _ = std::fs::remove_dir_all(&tmp);
     }
 }
