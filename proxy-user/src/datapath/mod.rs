@@ -20,8 +20,8 @@
 //! least CPU per MiB (410-430 µs against 420-518), and ran handshakes and
 //! echoes within the noise of the others (runs E to G; the uring figures
 //! predate its splices, see [`uring`]). `sockmap` bulk falls behind and
-//! leaves the kernel within a few MiB (see [`sockmap`]); it costs more per new session when
-//! sessions join the maps at the 101 (449-488 against 324-332 CPU-µs, an
+//! leaves the kernel within a few MiB (see [`sockmap`]); it costs more
+//! per new session when sessions join the maps at the 101 (449-488 against 324-332 CPU-µs, an
 //! earlier run), and ran 0.81-1.03x userspace at 100 and 1,000 echo
 //! connections; choose it explicitly. On `tcpsplice`, `sockmap` and
 //! `uring`, a connection starts in the user-space relay and joins the

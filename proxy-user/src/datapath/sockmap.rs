@@ -20,8 +20,8 @@
 //! 2. **Backpressure.** The verdict counts what it redirects per direction
 //!    and asks user space to look every quarter of the soft bound (half of
 //!    `limits.max_buffer_per_direction`). If the target's receiver is more
-//!    than an eighth of that bound behind (a stream, which the
-//!    kernel's redirect moves slower than user space), the source leaves the
+//!    than an eighth of that bound behind (a stream, which the kernel's
+//!    redirect moves slower than user space), the source leaves the
 //!    verdict's map for good: its bytes then stay in its receive queue,
 //!    TCP's window holds the sender back, and user space relays the rest
 //!    once every redirected byte has entered the target's send queue (the
@@ -181,8 +181,9 @@ impl Sockmap {
     /// Loads and attaches the verdict and sock_ops programs and starts the
     /// monitor tasks. `soft` is the per-direction memory bound: a direction
     /// whose receiver falls a sixteenth of it behind (a stream) moves to
-    /// user space, with backpressure. `valve` is the hard limit the kernel enforces, past
-    /// which the pair is reset (reached only if user space is too late).
+    /// user space, with backpressure. `valve` is the hard limit the kernel
+    /// enforces, past which the pair is reset (reached only if user space
+    /// is too late).
     /// `max_connections` caps the pairs it carries at once (two slots each).
     pub fn load(soft: u64, valve: u64, max_connections: u32) -> Result<Arc<Sockmap>, SockmapError> {
         bump_memlock();
@@ -582,16 +583,11 @@ impl Sockmap {
                 return Ended::Closed(CloseReason::Done);
             }
             // A direction streams in user space: the other follows it out
-            // of the kernel, and the pair leaves for the user-space relay,
-            // which moves a stream with fewer wake-ups than `pump` (W1
-            // both ways, see `Ended::Left`).
+            // of the kernel, and the pair leaves for the next relay, which
+            // moves a stream with fewer wake-ups than `pump` (W1 both ways,
+            // see `Ended::Left`).
             for i in 0..2 {
-                let (first, second) = dirs.split_at_mut(1);
-                let (d, other) = if i == 0 {
-                    (&mut first[0], &mut second[0])
-                } else {
-                    (&mut second[0], &mut first[0])
-                };
+                let (d, other) = this_and_other(dirs, i);
                 // `soft` is u64::MAX once a move failed: not tried again.
                 if d.streaming
                     && !d.active
@@ -628,12 +624,7 @@ impl Sockmap {
     /// the kernel and its sender may still send, it moves to user space
     /// first, where a slow receiver holds that sender back.
     fn send_fin(&self, dirs: &mut [Dir; 2], i: usize, fds: &[std::net::TcpStream; 2]) {
-        let (first, second) = dirs.split_at_mut(1);
-        let (d, other) = if i == 0 {
-            (&mut first[0], &mut second[0])
-        } else {
-            (&mut second[0], &mut first[0])
-        };
+        let (d, other) = this_and_other(dirs, i);
         // A source that has sent FIN takes in nothing more: no need to move.
         if other.active && !other.done && !other.fin_seen {
             other.demote(self, fds, "the other direction half-closed");
@@ -673,6 +664,16 @@ impl Sockmap {
             reg.remove(c);
         }
         out
+    }
+}
+
+/// Direction `i` and the other one, both mutable.
+fn this_and_other(dirs: &mut [Dir; 2], i: usize) -> (&mut Dir, &mut Dir) {
+    let [first, second] = dirs;
+    if i == 0 {
+        (first, second)
+    } else {
+        (second, first)
     }
 }
 
