@@ -358,7 +358,7 @@ impl DataPaths {
                     Err(f) if f.planned => {
                         tracing::info!(
                             "connection leaves sockmap for the {} relay: {}",
-                            if self.uring.as_ref().is_some_and(|u| u.here()) {
+                            if self.uring_here().is_some() {
                                 "io_uring"
                             } else {
                                 "user-space"
@@ -384,18 +384,22 @@ impl DataPaths {
     /// go: on io_uring where the chosen path falls back to it, else in the
     /// user-space relay.
     async fn relay_rest(&self, pair: Pair, acct: Arc<Accounting>, closed: OnClose) {
-        if matches!(self.primary, DataPath::Sockmap | DataPath::Uring) {
-            if let Some(u) = &self.uring {
-                if u.here() {
-                    return u.spawn(pair, acct, closed);
-                }
-                tracing::warn!(
-                    "connection falls back from uring: this worker has no io_uring runtime"
-                );
-            }
+        if let Some(u) = self.uring_here() {
+            return u.spawn(pair, acct, closed);
+        }
+        if matches!(self.primary, DataPath::Sockmap | DataPath::Uring) && self.uring.is_some() {
+            tracing::warn!("connection falls back from uring: this worker has no io_uring runtime");
         }
         let reason = Box::pin(userspace::relay(pair, acct)).await;
         closed(DataPath::Userspace, reason)
+    }
+
+    /// The io_uring relay that [`Self::relay_rest`] hands a connection to
+    /// on this worker: when the chosen path is uring or falls back to it,
+    /// and this worker runs a ring.
+    fn uring_here(&self) -> Option<&uring::UringRelay> {
+        let u = self.uring.as_ref()?;
+        (matches!(self.primary, DataPath::Sockmap | DataPath::Uring) && u.here()).then_some(u)
     }
 
     /// The tcpsplice path: the user-space relay carries the session, and

@@ -127,9 +127,10 @@ const PUMP_BUDGET: u64 = 4 << 20;
 /// A receiver more than this share of the soft bound behind at a mark is
 /// taking a stream: the kernel's redirect (its backlog worker) moves one
 /// slower than the user-space relay, so the direction moves at once
-/// rather than at the bound. W1 quick, 256 MiB one way: waiting for the
-/// bound kept 13-27% of the run's time in the kernel (20-35 MB behind,
-/// then the fence), this kept 4-9 ms of about 70.
+/// rather than at the bound. W1 quick, 256 MiB one way, from the daemon's
+/// log (the bulk starts 500 ms after the 101): waiting for the bound kept
+/// 13-27% of the run's time in the kernel (20-35 MB behind, then the
+/// fence), this kept 4-9 ms of about 70.
 const STREAM_SHARE: u64 = 8;
 /// A direction that has no slot yet.
 const NO_SLOT: u32 = u32::MAX;
