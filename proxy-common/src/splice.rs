@@ -33,8 +33,13 @@ pub const STATS_LEN: u32 = 2;
 pub const MAP_SPLICE_LIVE: &str = "SPLICE_LIVE";
 /// Name of the ring buffer of [`SpliceEvent`]s.
 pub const MAP_SPLICE_EVENTS: &str = "SPLICE_EVENTS";
-/// Name of the tc classifier.
+/// Name of the tc classifier on ingress (of `lo` and of every other
+/// interface a peer may be reached through).
 pub const PROG_SPLICE: &str = "sluice_splice";
+/// Name of the tc classifier on the egress of interfaces other than `lo`:
+/// it drops what a spliced session's frozen sockets send to a peer there
+/// (on `lo` the ingress program does, as their output loops back).
+pub const PROG_SPLICE_OUT: &str = "sluice_splice_out";
 
 /// Sessions the splice maps can hold at once (two flows each).
 pub const MAX_SPLICES: u32 = 32_768;
@@ -140,6 +145,12 @@ pub struct SpliceRewrite {
     pub flip: u32,
     /// What the proxy's socket facing this peer has sent (`write_seq`).
     pub flip_ack: u32,
+    /// The interface the rewritten packets leave by: the route to the
+    /// other peer. [`LOOPBACK_IFINDEX`] (or 0): they go on up the stack to
+    /// a peer on this host; any other: out of it, to the next hop.
+    pub ifindex: u32,
+    /// Padding made explicit.
+    pub _pad: u32,
 }
 
 /// One peer's side of a session: the rewrite of its packets, and what the
@@ -165,6 +176,9 @@ pub struct SpliceSide {
     /// Kernel: sequence number just past this peer's FIN (`seq + len + 1`).
     pub fin_end: u64,
 }
+
+/// The loopback interface's index, in every network namespace.
+pub const LOOPBACK_IFINDEX: u64 = 1;
 
 /// One spliced session.
 #[repr(C)]

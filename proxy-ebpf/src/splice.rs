@@ -11,9 +11,16 @@
 //! space's compare-and-swap to "spliced" fails if one slipped past its
 //! snapshot.
 //!
+//! A packet goes on to the other peer by the interface of that peer's
+//! route, which user space looked up: up the stack when it is `lo` (a peer
+//! on this host), out of it to the next hop otherwise
+//! (`bpf_redirect_neigh`). A second program, on the egress of interfaces
+//! other than `lo`, drops what a spliced session's frozen sockets send.
+//!
 //! Requires Linux 5.17+ (`bpf_loop` for the option scan; atomic fetch and
 //! compare-and-swap in programs 5.12+, mmapable arrays 5.5+, ring buffers
-//! 5.8+); attached with TCX on 6.6+, with a clsact qdisc before. IPv4 only.
+//! 5.8+, `bpf_redirect_neigh` 5.10+); attached with TCX on 6.6+, with a
+//! clsact qdisc before. IPv4 only, on `lo` and Ethernet interfaces.
 #![no_std]
 #![no_main]
 // The bpfel target declares no compare-and-swap, so core's atomic types
@@ -27,14 +34,15 @@ use aya_ebpf::{
     bindings::__sk_buff,
     bindings::{BPF_F_MMAPABLE, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
     cty::c_void,
-    helpers::{bpf_ktime_get_ns, bpf_loop, bpf_skb_load_bytes},
+    helpers::{bpf_ktime_get_ns, bpf_loop, bpf_redirect_neigh, bpf_skb_load_bytes},
     macros::{classifier, map},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::TcContext,
 };
 use proxy_common::splice::{
     FlowKey, FlowRef, SpliceConn, SpliceEvent, SpliceEventKind, SpliceSide, FLAGS_DONE, FLAG_FIN,
-    FLAG_FIN_ACKED, FLAG_RST, GATE_ARMED, GATE_OBSERVE, GATE_SPLICED, GATE_STATE, MAX_SPLICES, SET,
+    FLAG_FIN_ACKED, FLAG_RST, GATE_ARMED, GATE_OBSERVE, GATE_SPLICED, GATE_STATE, LOOPBACK_IFINDEX,
+    MAX_SPLICES, SET,
     STATS_LEN, STAT_FAILED, STAT_REWRITTEN,
 };
 
@@ -79,26 +87,54 @@ pub fn sluice_splice(ctx: TcContext) -> i32 {
     try_splice(&ctx).unwrap_or(NEXT)
 }
 
+/// Drops what a spliced session's frozen sockets send out of an interface
+/// other than `lo` (there, their output loops back to the ingress program,
+/// which drops it). The ingress program's rewritten packets pass this hook
+/// too, with a proxy socket's 4-tuple: they came in on an interface, and a
+/// socket's own output did not.
+#[classifier]
+pub fn sluice_splice_out(ctx: TcContext) -> i32 {
+    try_splice_out(&ctx).unwrap_or(NEXT)
+}
+
 #[inline(always)]
-fn try_splice(ctx: &TcContext) -> Result<i32, i64> {
+fn try_splice_out(ctx: &TcContext) -> Result<i32, i64> {
+    let Some((_, flow, conn, _)) = flow_of(ctx)? else {
+        return Ok(NEXT);
+    };
+    // SAFETY: a field of the packet's context.
+    let came_in = unsafe { (*ctx.skb.skb).ingress_ifindex } != 0;
+    if flow.side <= 1 || came_in {
+        return Ok(NEXT);
+    }
+    // SAFETY: array elements never move.
+    let spliced = load(unsafe { &raw const (*conn).gate }) & GATE_STATE == GATE_SPLICED;
+    Ok(if spliced { TC_ACT_SHOT } else { NEXT })
+}
+
+/// The session flow an IPv4 TCP packet belongs to: its key, where its
+/// session is, and the offset of its TCP header; `None` for any other
+/// packet.
+#[inline(always)]
+fn flow_of(ctx: &TcContext) -> Result<Option<(FlowKey, FlowRef, *mut SpliceConn, usize)>, i64> {
     // No session has flows: nothing to look up. A packet that read 0 just
     // before a session's flows went in is one that passed before them,
     // which the session's grace period already waits out.
     if SPLICE_LIVE.get(0).copied().unwrap_or(0) == 0 {
-        return Ok(NEXT);
+        return Ok(None);
     }
     if u16::from_be(ctx.load::<u16>(12)?) != ETH_P_IP {
-        return Ok(NEXT);
+        return Ok(None);
     }
     let vihl: u8 = ctx.load(ETH_HLEN)?;
     let ihl = usize::from(vihl & 0x0f) * 4;
     if vihl >> 4 != 4 || ihl < 20 || ctx.load::<u8>(ETH_HLEN + 9)? != IPPROTO_TCP {
-        return Ok(NEXT);
+        return Ok(None);
     }
     // A fragment carries no TCP header we could rewrite; spliced peers send
     // with DF, so none comes.
     if u16::from_be(ctx.load::<u16>(ETH_HLEN + 6)?) & 0x3fff != 0 {
-        return Ok(NEXT);
+        return Ok(None);
     }
     let t = ETH_HLEN + ihl;
     let saddr: u32 = ctx.load(IP_SADDR)?;
@@ -112,9 +148,17 @@ fn try_splice(ctx: &TcContext) -> Result<i32, i64> {
     };
     // SAFETY: a plain value, copied out at once.
     let Some(flow) = (unsafe { FLOWS.get(key) }).copied() else {
-        return Ok(NEXT);
+        return Ok(None);
     };
     let Some(conn) = SPLICES.get_ptr_mut(flow.slot) else {
+        return Ok(None);
+    };
+    Ok(Some((key, flow, conn, t)))
+}
+
+#[inline(always)]
+fn try_splice(ctx: &TcContext) -> Result<i32, i64> {
+    let Some((key, flow, conn, t)) = flow_of(ctx)? else {
         return Ok(NEXT);
     };
     if flow.side > 1 {
@@ -124,6 +168,8 @@ fn try_splice(ctx: &TcContext) -> Result<i32, i64> {
         let spliced = load(unsafe { &raw const (*conn).gate }) & GATE_STATE == GATE_SPLICED;
         return Ok(if spliced { TC_ACT_SHOT } else { NEXT });
     }
+    let (saddr, daddr) = (key.saddr, key.daddr);
+    let ports = u32::from(key.sport) | (u32::from(key.dport) << 16);
     let s = (flow.side & 1) as usize;
     let off_flags: u16 = u16::from_be(ctx.load(t + 12)?);
     let doff = usize::from(off_flags >> 12) * 4;
@@ -228,6 +274,7 @@ fn try_splice(ctx: &TcContext) -> Result<i32, i64> {
         ts_on,
         ack_delta,
         snap_ns,
+        out_if,
     ) = unsafe {
         (
             (*me).rw.saddr,
@@ -239,6 +286,7 @@ fn try_splice(ctx: &TcContext) -> Result<i32, i64> {
             (*me).rw.ts_on,
             0u32.wrapping_sub((*peer).rw.seq_delta),
             (*conn).snap_ns,
+            (*me).rw.ifindex,
         )
     };
 
@@ -303,7 +351,17 @@ fn try_splice(ctx: &TcContext) -> Result<i32, i64> {
             }
         }
     }
-    Ok(TC_ACT_OK)
+    let out = u64::from(out_if);
+    if out == LOOPBACK_IFINDEX || out == 0 {
+        // The other peer is on this host: up the stack to it.
+        return Ok(TC_ACT_OK);
+    }
+    // Out of the other peer's interface, to its next hop (a FIB and
+    // neighbour lookup on the rewritten header). TC_ACT_REDIRECT, or
+    // TC_ACT_SHOT if the lookup failed: TCP sends the packet again.
+    // SAFETY: no parameters: the helper looks the next hop up itself.
+    let r = unsafe { bpf_redirect_neigh(out as u32, core::ptr::null_mut(), 0, 0) };
+    Ok(r as i32)
 }
 
 /// What a rewrite changes in the headers.

@@ -43,6 +43,17 @@ impl TcpInfo {
     pub fn rcv_wscale(&self) -> u8 {
         self.head[6] >> 4
     }
+
+    /// `tcpi_pmtu`: the path MTU of this socket's route.
+    pub fn pmtu(&self) -> u32 {
+        self.mid[13]
+    }
+
+    /// `tcpi_advmss`: the MSS this socket announced (its route's MTU less
+    /// the IP and TCP headers).
+    pub fn advmss(&self) -> u32 {
+        self.mid[19]
+    }
 }
 
 /// `tcpi_options` bit: TCP timestamps are on.

@@ -162,7 +162,19 @@ impl Sluice {
             origin.to_string(),
         ];
         args.extend(extra);
-        Sluice::spawn(mode, addr, args, None)
+        Sluice::spawn(mode, addr, args, None, None)
+    }
+
+    /// Starts sluice inside the network namespace `netns` (`ip netns
+    /// exec`), listening on `addr` in front of `origin`.
+    pub fn start_in_netns(mode: Mode, netns: &str, addr: SocketAddr, origin: SocketAddr) -> Sluice {
+        let args = vec![
+            "--listen".to_string(),
+            addr.to_string(),
+            "--origin".into(),
+            origin.to_string(),
+        ];
+        Sluice::spawn(mode, addr, args, None, Some(netns))
     }
 
     /// Starts sluice in front of `origin` with `limits.max_buffer_per_direction
@@ -202,7 +214,7 @@ impl Sluice {
             "--log".into(),
             filter.into(),
         ];
-        Sluice::spawn(mode, addr, args, Some(path))
+        Sluice::spawn(mode, addr, args, Some(path), None)
     }
 
     fn spawn(
@@ -210,6 +222,7 @@ impl Sluice {
         addr: SocketAddr,
         mut args: Vec<String>,
         config: Option<PathBuf>,
+        netns: Option<&str>,
     ) -> Sluice {
         args.extend(["--datapath".to_string(), mode.flag().to_string()]);
         // Every sockmap, uring and tcpsplice test joins its path at the
@@ -221,8 +234,19 @@ impl Sluice {
             args.extend(["--promote-after-ms".to_string(), "0".to_string()]);
         }
         let bin = sluice_bin();
+        // `nsenter` enters the namespace and execs the rest, so the child's
+        // pid is still sluice's. (`ip netns exec` would also mount a fresh
+        // `/sys`, without the cgroup2 file system sockmap attaches to.)
+        let in_netns = |prog: &dyn AsRef<std::ffi::OsStr>| match netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}")).arg("--").arg(prog);
+                c
+            }
+            None => Command::new(prog),
+        };
         let mut cmd = if mode == Mode::Unprivileged && is_root() {
-            let mut c = Command::new("setpriv");
+            let mut c = in_netns(&"setpriv");
             c.args([
                 "--reuid=65534",
                 "--regid=65534",
@@ -234,7 +258,7 @@ impl Sluice {
             .arg(&bin);
             c
         } else {
-            Command::new(&bin)
+            in_netns(&bin)
         };
         // `SLUICE_TEST_LOG` (a filter, as `RUST_LOG`) shows more of the
         // daemon's log, a development aid.
@@ -459,10 +483,23 @@ pub struct PyOrigin {
 impl PyOrigin {
     /// Starts `peers/ws_peer.py server`.
     pub fn start() -> PyOrigin {
-        let addr = free_addr();
-        let mut child = Command::new("python3")
+        PyOrigin::start_at(None, free_addr())
+    }
+
+    /// Starts `peers/ws_peer.py server` on `addr`, inside the network
+    /// namespace `netns` if given.
+    pub fn start_at(netns: Option<&str>, addr: SocketAddr) -> PyOrigin {
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "python3"]);
+                c
+            }
+            None => Command::new("python3"),
+        };
+        let mut child = cmd
             .arg(peer_script())
-            .args(["server", &addr.port().to_string()])
+            .args(["server", &addr.port().to_string(), &addr.ip().to_string()])
             .stdout(Stdio::piped())
             .spawn()
             .expect("python3 is needed for the Python websockets peer");

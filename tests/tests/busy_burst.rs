@@ -89,10 +89,17 @@ async fn a_burst_of_busy_sessions_leaves_no_memory_pinned_on_every_path() {
             "{mode:?}: the burst left {} MiB pinned (rss {rss0} -> {rss1})",
             (rss1.saturating_sub(rss0)) >> 20
         );
-        let closed = s.logs().matches("closed: closed").count();
+        let logs = s.logs();
+        let closed = logs.matches("closed: closed").count();
+        let others: Vec<&str> = logs
+            .lines()
+            .filter(|l| l.contains("closed:") && !l.contains("closed: closed"))
+            .take(10)
+            .collect();
         assert!(
             closed >= WARM_UP + 2 * BURST,
-            "{mode:?}: only {closed} sessions closed cleanly"
+            "{mode:?}: only {closed} sessions closed cleanly; others:\n{}",
+            others.join("\n")
         );
     }
 }

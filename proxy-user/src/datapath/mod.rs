@@ -36,6 +36,7 @@
 
 pub mod ebpf;
 mod pipe;
+mod route;
 mod shared_map;
 pub mod sockmap;
 pub mod tcpsplice;
@@ -249,9 +250,9 @@ impl DataPaths {
             DataPathChoice::Auto => match &tcpsplice {
                 Ok(_) => (
                     DataPath::Tcpsplice,
-                    "auto: tcpsplice measured fastest (cargo xtask bench); sessions whose \
-                     client and origin are on this host join once idle, others stay in user \
-                     space"
+                    "auto: tcpsplice measured fastest (cargo xtask bench); IPv4 sessions whose \
+                     client and origin are both on this host, or both elsewhere, join once \
+                     idle; others stay in user space"
                         .to_string(),
                 ),
                 Err(e) => {
@@ -273,8 +274,8 @@ impl DataPaths {
             DataPathChoice::Userspace => (DataPath::Userspace, "configured userspace".to_string()),
             DataPathChoice::Tcpsplice => (
                 DataPath::Tcpsplice,
-                "configured tcpsplice; sessions whose client and origin are on this host \
-                 join once idle, others stay in user space"
+                "configured tcpsplice; IPv4 sessions whose client and origin are both on \
+                 this host, or both elsewhere, join once idle; others stay in user space"
                     .to_string(),
             ),
         };

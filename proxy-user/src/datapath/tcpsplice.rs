@@ -6,12 +6,22 @@
 //! rewrite per packet. The packet program is `proxy-ebpf/src/splice.rs`;
 //! the shared layout is `proxy_common::splice`.
 //!
-//! Requires Linux 5.17+ (`bpf_loop`; its atomics need 5.12+; attached with
-//! TCX on 6.6+, through a clsact qdisc before, which only 6.18 with TCX has
-//! exercised here), CAP_BPF, CAP_NET_ADMIN (`TCP_REPAIR`, attaching to `lo`),
-//! `membarrier(MEMBARRIER_CMD_GLOBAL)` (not under `nohz_full`), and IPv4
-//! peers on this host, reached over loopback (the program sits on `lo`'s
-//! ingress). Sessions that do not fit stay in the user-space relay.
+//! Requires Linux 5.17+ (`bpf_loop`; its atomics need 5.12+;
+//! `bpf_redirect_neigh` 5.10+; attached with TCX on 6.6+, through a clsact
+//! qdisc before, which only 6.18 with TCX has exercised here), CAP_BPF,
+//! CAP_NET_ADMIN (`TCP_REPAIR`, attaching programs),
+//! `membarrier(MEMBARRIER_CMD_GLOBAL)` (not under `nohz_full`), and IPv4.
+//!
+//! Where the peers are: the program sits on `lo`'s ingress and on both
+//! hooks of every Ethernet interface that is up at start. It notes the
+//! interface each peer's packets come in on. Peers both on this host (over
+//! `lo`): a rewritten packet goes on up the stack to the other peer. Peers
+//! both elsewhere (an edge host's clients and origins): it leaves by the
+//! other peer's interface to its next hop (`bpf_redirect_neigh`), as a
+//! router would send it, and the egress program drops what the frozen
+//! sockets send there. Sessions with one peer of each kind, peers behind
+//! interfaces of other kinds or different MTUs, stay in the user-space
+//! relay, as do sessions that do not fit otherwise.
 //!
 //! A session joins in three steps; user space's relay carries it until the
 //! last one succeeds, and takes it back whenever a step fails:
@@ -53,32 +63,32 @@
 
 use std::collections::HashMap as StdHashMap;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{SocketAddr, SocketAddrV4};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, RingBuf};
 use aya::programs::{tc, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use proxy_common::splice::{
     FlowKey, FlowRef, SpliceConn, SpliceEvent, SpliceRewrite, FLAGS_DONE, FLAG_RST, FROM_CLIENT,
-    FROM_ORIGIN, GATE_ARMED, GATE_OBSERVE, GATE_SPLICED, GATE_STATE, MAP_FLOWS, MAP_SPLICES,
-    MAP_SPLICE_EVENTS, MAP_SPLICE_LIVE, MAX_SPLICES, OWN_TO_CLIENT, OWN_TO_ORIGIN, PROG_SPLICE,
-    SET,
+    FROM_ORIGIN, GATE_ARMED, GATE_OBSERVE, GATE_SPLICED, GATE_STATE, LOOPBACK_IFINDEX, MAP_FLOWS,
+    MAP_SPLICES, MAP_SPLICE_EVENTS, MAP_SPLICE_LIVE, MAX_SPLICES, OWN_TO_CLIENT, OWN_TO_ORIGIN,
+    PROG_SPLICE, PROG_SPLICE_OUT, SET,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{watch, Notify};
 
 use super::ebpf::{from_object_error, lock, map, program, readable, take_map, ObjectError};
 use super::shared_map::{SharedArray, Slots};
-use super::{CloseReason, Pair, Side};
+use super::{route, CloseReason, Pair, Side};
 use crate::accounting::{monotonic_ns, Accounting};
 use crate::sockopt;
 
-/// The interface the program sits on.
-const IFACE: &str = "lo";
+/// The loopback interface: peers on this host are reached over it.
+const LOOPBACK: &str = "lo";
 /// After both FINs were acknowledged, the flows stay a little: a final ACK
 /// lost on the way makes the other peer send its FIN again, and that must
 /// still be rewritten. The proxy's sockets keep the 4-tuples reserved.
@@ -127,22 +137,34 @@ pub struct TcpSplice {
     /// Wake-ups of spliced sessions, by slot.
     waiting: Mutex<StdHashMap<u32, Arc<Notify>>>,
     grace: Arc<Grace>,
-    local: Mutex<LocalAddrs>,
+    /// The interfaces the programs are attached to (name, index).
+    ifaces: Vec<(String, u32)>,
     /// Keeps the program attached for the life of the process.
     _ebpf: Mutex<Ebpf>,
 }
 
 impl TcpSplice {
-    /// Loads the program, attaches it to `lo`'s ingress, and starts the
-    /// grace-period thread and the event monitor (on the calling runtime).
+    /// Loads the programs, attaches them (`lo`'s ingress, and both hooks of
+    /// every Ethernet interface that is up), and starts the grace-period
+    /// thread and the event monitor (on the calling runtime).
     pub fn load() -> Result<Arc<TcpSplice>, TcpSpliceError> {
         membarrier_global_supported().map_err(TcpSpliceError::Membarrier)?;
         let mut ebpf = object()?;
-        let prog: &mut SchedClassifier = program(&mut ebpf, PROG_SPLICE)?;
         // Before Linux 6.6 tc programs hang off a clsact qdisc; an existing
         // one is fine. On 6.6+ aya attaches with TCX and needs none.
-        let _ = tc::qdisc_add_clsact(IFACE);
-        prog.attach(IFACE, TcAttachType::Ingress)?;
+        let _ = tc::qdisc_add_clsact(LOOPBACK);
+        program::<SchedClassifier>(&mut ebpf, PROG_SPLICE)?
+            .attach(LOOPBACK, TcAttachType::Ingress)?;
+        let mut ifaces = vec![(LOOPBACK.to_string(), LOOPBACK_IFINDEX as u32)];
+        for name in ethernet_interfaces() {
+            let index = nix::net::if_::if_nametoindex(name.as_str()).unwrap_or(0);
+            match attach_both(&mut ebpf, &name) {
+                Ok(()) => ifaces.push((name, index)),
+                // Its peers' sessions stay in the relay (never seen there).
+                Err(e) => tracing::warn!("tcpsplice cannot attach to {name}: {e}"),
+            }
+        }
+        tracing::info!("tcpsplice attached to {}", names(&ifaces));
         let flows = Flows {
             map: take_map(&mut ebpf, MAP_FLOWS)?,
             live: take_map(&mut ebpf, MAP_SPLICE_LIVE)?,
@@ -156,7 +178,7 @@ impl TcpSplice {
             slots: Mutex::new(Slots::new(MAX_SPLICES)),
             waiting: Mutex::new(StdHashMap::new()),
             grace: Grace::start()?,
-            local: Mutex::new(LocalAddrs::default()),
+            ifaces,
             _ebpf: Mutex::new(ebpf),
         });
         tokio::spawn(ring_monitor(ts.clone(), readable(events)?));
@@ -209,14 +231,7 @@ impl TcpSplice {
     /// and puts its flows into OBSERVE.
     fn observe(self: &Arc<Self>, pair: &Pair) -> Result<Observation, String> {
         let ends = Ends::of(pair)?;
-        for peer in [ends.client, ends.origin] {
-            if !lock(&self.local).is_local(*peer.ip()) {
-                return Err(format!(
-                    "{peer} is not an address of this host (tcpsplice joins sessions whose \
-                     client and origin are reached over loopback)"
-                ));
-            }
-        }
+        let out_if = self.out_interfaces(&ends)?;
         let (ci, oi) = (info(pair.client.as_fd())?, info(pair.origin.as_fd())?);
         let ts = |i: &sockopt::TcpInfo| i.options() & sockopt::TCPI_OPT_TIMESTAMPS != 0;
         if ts(&ci) != ts(&oi) {
@@ -243,11 +258,46 @@ impl TcpSplice {
             slot,
             keys: keys.map(|(k, _)| k),
             ticket: 0,
+            out_if,
             ends,
         };
         lock(&self.flows).add(&keys)?;
         obs.ticket = self.grace.ask();
         Ok(obs)
+    }
+
+    /// The interfaces of the routes to the client and to the origin: both
+    /// `lo` (peers on this host), or both interfaces the programs are on.
+    /// A session with one peer on this host and one elsewhere is not
+    /// joined: its rewritten packets would have to cross from `lo`, where
+    /// the ingress program passes them up the stack, to an interface.
+    fn out_interfaces(&self, ends: &Ends) -> Result<[u32; 2], String> {
+        let lookup = |peer: SocketAddrV4, local: SocketAddrV4| {
+            route::output_interface(*peer.ip(), *local.ip())
+                .map_err(|e| format!("no route to {peer} from {local}: {e}"))
+        };
+        let out = [
+            lookup(ends.client, ends.client_local)?,
+            lookup(ends.origin, ends.origin_local)?,
+        ];
+        let lo = |i: u32| u64::from(i) == LOOPBACK_IFINDEX;
+        if lo(out[0]) != lo(out[1]) {
+            return Err(
+                "one peer is on this host and the other is not (tcpsplice joins \
+                 sessions whose peers are both local, or both remote)"
+                    .into(),
+            );
+        }
+        for (who, i) in ["client", "origin"].into_iter().zip(out) {
+            if !self.ifaces.iter().any(|(_, at)| *at == i) {
+                return Err(format!(
+                    "the {who} is reached through interface {i}, which the tcpsplice programs \
+                     are not on (they are on {}; attached at start, Ethernet only)",
+                    names(&self.ifaces)
+                ));
+            }
+        }
+        Ok(out)
     }
 
     /// Steps 2 and 3: spliced at once, or armed for the packet one socket
@@ -299,6 +349,19 @@ impl TcpSplice {
                 "a peer closed while the session was observed".into(),
             ));
         }
+        // Each peer's segments go on to the other as they are: the largest
+        // the proxy let one peer send (its MSS and the IP and TCP headers)
+        // must fit the other peer's path.
+        for (from, to) in [(&ci, &oi), (&oi, &ci)] {
+            if from.advmss() + 40 > to.pmtu() {
+                return Err(Snap::Failed(format!(
+                    "a peer may send {}-byte packets, and the other's path takes {}: a \
+                     smaller MTU on one side",
+                    from.advmss() + 40,
+                    to.pmtu()
+                )));
+            }
+        }
         let (c_rcv, c_snd) = queue_seqs(c)?;
         let (o_rcv, o_snd) = queue_seqs(og)?;
         // Each socket has taken in everything the program passed it.
@@ -323,7 +386,7 @@ impl TcpSplice {
             }
         };
         let ts_on = u32::from(ci.options() & sockopt::TCPI_OPT_TIMESTAMPS != 0);
-        let ends = &o.ends;
+        let (ends, o_if) = (&o.ends, o.out_if);
         // Per socket, by side (0 client, 1 origin): its TCP_INFO, rcv_nxt,
         // write_seq, timestamp clock, and the two ends of its connection.
         let sock = [(&ci, c_rcv, c_snd, c_ts), (&oi, o_rcv, o_snd, o_ts)];
@@ -345,6 +408,8 @@ impl TcpSplice {
                 ts_on,
                 flip: u32::from(unacked[s] != 0),
                 flip_ack: sock[s].2,
+                ifindex: o_if[o],
+                _pad: 0,
             };
             self.conns.publish(slot, s, &rw, SET | u64::from(sock[s].1));
         }
@@ -407,15 +472,8 @@ impl TcpSplice {
             acct.set(before.0 + c2o, before.1 + o2c, c_last.max(o_last));
         };
         let reason = loop {
-            let flags = self.conns.flags(slot);
-            if flags & FLAG_RST[0] != 0 {
-                break CloseReason::Reset(Side::Client);
-            }
-            if flags & FLAG_RST[1] != 0 {
-                break CloseReason::Reset(Side::Origin);
-            }
-            if flags & FLAGS_DONE == FLAGS_DONE {
-                break CloseReason::Done;
+            if let Some(reason) = end_of(self.conns.flags(slot)) {
+                break reason;
             }
             update();
             let _ = tokio::time::timeout(RECHECK, wake.notify.notified()).await;
@@ -434,6 +492,23 @@ impl TcpSplice {
             drop(frozen);
         });
         reason
+    }
+}
+
+/// How a spliced session with these flags ended, if it did.
+fn end_of(flags: u64) -> Option<CloseReason> {
+    // Both FINs acknowledged: every byte was, too. A reset after that is a
+    // peer's answer to a stray segment (a FIN that its tail loss probe sent
+    // again, crossing the other peer's last ACK, say), as a direct
+    // connection can end too: the session ended cleanly.
+    if flags & FLAGS_DONE == FLAGS_DONE {
+        Some(CloseReason::Done)
+    } else if flags & FLAG_RST[0] != 0 {
+        Some(CloseReason::Reset(Side::Client))
+    } else if flags & FLAG_RST[1] != 0 {
+        Some(CloseReason::Reset(Side::Origin))
+    } else {
+        None
     }
 }
 
@@ -475,12 +550,59 @@ impl Drop for Frozen {
     }
 }
 
-/// The object with its program loaded (verified), not attached.
+/// The object with its programs loaded (verified), not attached.
 fn object() -> Result<Ebpf, ObjectError> {
     let mut ebpf =
         EbpfLoader::new().load(aya::include_bytes_aligned!(env!("SLUICE_TCPSPLICE_OBJ")))?;
     program::<SchedClassifier>(&mut ebpf, PROG_SPLICE)?.load()?;
+    program::<SchedClassifier>(&mut ebpf, PROG_SPLICE_OUT)?.load()?;
     Ok(ebpf)
+}
+
+/// The interfaces' names, for a log line.
+fn names(ifaces: &[(String, u32)]) -> String {
+    let v: Vec<&str> = ifaces.iter().map(|(n, _)| n.as_str()).collect();
+    v.join(", ")
+}
+
+/// Attaches the ingress program and the egress one to `iface`.
+fn attach_both(ebpf: &mut Ebpf, iface: &str) -> Result<(), String> {
+    let _ = tc::qdisc_add_clsact(iface);
+    for (name, hook) in [
+        (PROG_SPLICE, TcAttachType::Ingress),
+        (PROG_SPLICE_OUT, TcAttachType::Egress),
+    ] {
+        program::<SchedClassifier>(ebpf, name)
+            .map_err(|e| e.to_string())?
+            .attach(iface, hook)
+            .map_err(|e| format!("{name} on {hook:?}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// The Ethernet interfaces that are up: where remote peers' packets come
+/// in. Read with `getifaddrs` (netlink), which sees this process's network
+/// namespace whatever `/sys` shows. Interfaces of other kinds (tunnels,
+/// with no Ethernet header) and ones that come up later are left alone;
+/// sessions through them stay in the relay.
+fn ethernet_interfaces() -> Vec<String> {
+    const ARPHRD_ETHER: u16 = 1;
+    let Ok(all) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = all
+        .filter(|i| {
+            i.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP)
+                && i.address
+                    .as_ref()
+                    .and_then(|a| a.as_link_addr())
+                    .is_some_and(|l| l.hatype() == ARPHRD_ETHER)
+        })
+        .map(|i| i.interface_name)
+        .collect();
+    names.sort();
+    names.dedup();
+    names
 }
 
 /// How a snapshot ended.
@@ -530,6 +652,8 @@ pub struct Observation {
     keys: [FlowKey; 4],
     /// The grace period that must pass before the first snapshot.
     ticket: u64,
+    /// The interface of the route to the client, and to the origin.
+    out_if: [u32; 2],
     ends: Ends,
 }
 
@@ -635,36 +759,6 @@ fn key(from: SocketAddrV4, to: SocketAddrV4) -> FlowKey {
 
 fn info(fd: BorrowedFd<'_>) -> Result<sockopt::TcpInfo, String> {
     sockopt::tcp_info(fd).map_err(|e| format!("TCP_INFO: {e}"))
-}
-
-/// This host's IPv4 addresses, read again at most once a second when an
-/// address is not among them.
-#[derive(Default)]
-struct LocalAddrs {
-    addrs: Vec<Ipv4Addr>,
-    read: Option<Instant>,
-}
-
-impl LocalAddrs {
-    fn is_local(&mut self, ip: Ipv4Addr) -> bool {
-        if ip.is_loopback() || self.addrs.contains(&ip) {
-            return true;
-        }
-        if self
-            .read
-            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
-        {
-            return false;
-        }
-        self.read = Some(Instant::now());
-        self.addrs = nix::ifaddrs::getifaddrs()
-            .map(|all| {
-                all.filter_map(|i| i.address?.as_sockaddr_in().map(|a| a.ip()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        self.addrs.contains(&ip)
-    }
 }
 
 /// RCU grace periods on demand: one `membarrier(MEMBARRIER_CMD_GLOBAL)`
@@ -798,6 +892,22 @@ mod program_tests;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proxy_common::splice::{FLAG_FIN, FLAG_FIN_ACKED};
+
+    #[test]
+    fn a_reset_after_both_fins_were_acknowledged_is_a_clean_end() {
+        let done = FLAG_FIN[0] | FLAG_FIN[1] | FLAG_FIN_ACKED[0] | FLAG_FIN_ACKED[1];
+        assert_eq!(end_of(done | FLAG_RST[0]), Some(CloseReason::Done));
+        assert_eq!(end_of(done), Some(CloseReason::Done));
+        // Before that, a reset is one.
+        let half = FLAG_FIN[1] | FLAG_FIN_ACKED[1];
+        assert_eq!(
+            end_of(half | FLAG_RST[0]),
+            Some(CloseReason::Reset(Side::Client))
+        );
+        assert_eq!(end_of(FLAG_RST[1]), Some(CloseReason::Reset(Side::Origin)));
+        assert_eq!(end_of(half), None);
+    }
 
     #[test]
     fn keys_and_rewrites_are_in_header_byte_order() {

@@ -24,6 +24,10 @@ const TH_ACK: u8 = 0x10;
 const TC_ACT_OK: i32 = 0;
 const TC_ACT_SHOT: i32 = 2;
 const TC_ACT_UNSPEC: i32 = -1;
+const TC_ACT_REDIRECT: i32 = 7;
+/// `sizeof(struct __sk_buff)`, and the offset of its `ingress_ifindex`.
+const SK_BUFF_LEN: usize = 192;
+const INGRESS_IFINDEX: usize = 36;
 /// Where the TCP header starts in the frames built here.
 const T: usize = 14 + 20;
 
@@ -63,14 +67,25 @@ impl Prog {
         })
     }
 
-    /// Runs the program on `pkt`: its verdict and the packet after it.
+    /// Runs the ingress program on `pkt`: its verdict and the packet after
+    /// it.
     fn run(&self, pkt: &[u8]) -> (i32, Vec<u8>) {
-        let prog: &SchedClassifier = self.ebpf.program(PROG_SPLICE).unwrap().try_into().unwrap();
+        self.run_as(PROG_SPLICE, pkt, 0)
+    }
+
+    /// Runs program `name` on `pkt`, as if it had come in on interface
+    /// `iif` (0: sent by this host).
+    fn run_as(&self, name: &str, pkt: &[u8], iif: u32) -> (i32, Vec<u8>) {
+        let prog: &SchedClassifier = self.ebpf.program(name).unwrap().try_into().unwrap();
         let mut out = vec![0u8; pkt.len() + 64];
+        // A `struct __sk_buff` with only `ingress_ifindex` set.
+        let mut ctx = [0u8; SK_BUFF_LEN];
+        ctx[INGRESS_IFINDEX..INGRESS_IFINDEX + 4].copy_from_slice(&iif.to_ne_bytes());
         let r = prog
             .test_run(TestRunOptions {
                 data_in: Some(pkt),
                 data_out: Some(&mut out),
+                ctx_in: (iif != 0).then_some(&ctx[..]),
                 ..TestRunOptions::new()
             })
             .unwrap();
@@ -135,8 +150,22 @@ fn ends(port_base: u16) -> Ends4 {
     }
 }
 
-/// Publishes both sides' rewrite, as the snapshot would.
+/// Publishes both sides' rewrite, as the snapshot would, for peers on
+/// this host.
 fn publish(p: &Prog, slot: u32, e: &Ends4, delta: [u32; 2], ts_base: [u32; 2], next: [u32; 2]) {
+    publish_via(p, slot, e, delta, ts_base, next, [0, 0]);
+}
+
+/// As [`publish`], with side s's packets leaving by interface `out_if[s]`.
+fn publish_via(
+    p: &Prog,
+    slot: u32,
+    e: &Ends4,
+    delta: [u32; 2],
+    ts_base: [u32; 2],
+    next: [u32; 2],
+    out_if: [u32; 2],
+) {
     let rw = |s: usize| SpliceRewrite {
         saddr: addr(if s == 0 {
             e.origin_local
@@ -157,6 +186,8 @@ fn publish(p: &Prog, slot: u32, e: &Ends4, delta: [u32; 2], ts_base: [u32; 2], n
         ts_on: 1,
         flip: 0,
         flip_ack: 0,
+        ifindex: out_if[s],
+        _pad: 0,
     };
     for (s, next) in next.into_iter().enumerate() {
         p.conns.publish(slot, s, &rw(s), SET | u64::from(next));
@@ -387,6 +418,54 @@ fn a_spliced_session_is_rewritten_both_ways_with_valid_checksums() {
 }
 
 #[test]
+fn peers_elsewhere_get_each_others_packets_out_of_their_routes_interface() {
+    let Some(mut p) = Prog::load() else { return };
+    let e = ends(41_000);
+    p.session(3, &e, GATE_SPLICED);
+    // The origin's route leaves by interface 6, the client's by 5.
+    publish_via(&p, 3, &e, [0, 0], [1, 1], [100, 200], [6, 5]);
+    let seg = |from, to, seq| {
+        frame(&Seg {
+            from,
+            to,
+            seq,
+            ack: 1,
+            flags: TH_PSH | TH_ACK,
+            win: 100,
+            opts: &[],
+            payload: b"x",
+        })
+    };
+    let (verdict, out) = p.run_as(PROG_SPLICE, &seg(e.client, e.client_local, 100), 5);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "the client's packet leaves by 6");
+    check_frame(&out, e.origin_local, e.origin);
+    let (verdict, out) = p.run_as(PROG_SPLICE, &seg(e.origin, e.origin_local, 200), 6);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "the origin's leaves by 5");
+    check_frame(&out, e.client_local, e.client);
+    // Peers on this host: up the stack, as before.
+    publish_via(&p, 3, &e, [0, 0], [1, 1], [101, 201], [1, 1]);
+    let (verdict, _) = p.run_as(PROG_SPLICE, &seg(e.client, e.client_local, 101), 1);
+    assert_eq!(verdict, TC_ACT_OK);
+
+    // Egress: the frozen socket's own output (sent by this host) is
+    // dropped; the rewritten packets, which carry the same 4-tuple, came
+    // in on an interface and pass.
+    let own = seg(e.origin_local, e.origin, 7);
+    assert_eq!(p.run_as(PROG_SPLICE_OUT, &own, 0).0, TC_ACT_SHOT);
+    assert_eq!(p.run_as(PROG_SPLICE_OUT, &own, 5).0, TC_ACT_UNSPEC);
+    // A peer's packets and strangers are not the egress program's.
+    let peer = seg(e.client, e.client_local, 102);
+    assert_eq!(p.run_as(PROG_SPLICE_OUT, &peer, 0).0, TC_ACT_UNSPEC);
+    let stranger = seg(ends(50_000).client, e.client_local, 1);
+    assert_eq!(p.run_as(PROG_SPLICE_OUT, &stranger, 0).0, TC_ACT_UNSPEC);
+    // Before the splice the sockets' output is theirs to send.
+    p.conns
+        .gate(3)
+        .store(GATE_OBSERVE, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(p.run_as(PROG_SPLICE_OUT, &own, 0).0, TC_ACT_UNSPEC);
+}
+
+#[test]
 fn while_no_session_is_counted_live_packets_pass_without_a_lookup() {
     let Some(mut p) = Prog::load() else { return };
     let e = ends(41_000);
@@ -514,6 +593,8 @@ fn an_armed_session_is_spliced_by_the_awaited_packet_and_disarmed_by_others() {
         ts_on: 1,
         flip: 1,
         flip_ack: 777,
+        ifindex: 0,
+        _pad: 0,
     };
     p.conns.publish(4, 1, &rw, armed);
     p.conns
