@@ -9,8 +9,15 @@ use crate::check;
 
 /// Python packages the end-to-end tests use as independent peers.
 const PY_PACKAGES: &[(&str, &str)] = &[("websockets", "websockets>=12")];
-/// Debian packages the tests use (`setpriv` for the unprivileged run).
-const APT_TEST: &[(&str, &str)] = &[("setpriv", "util-linux")];
+/// Debian packages the tests use: `setpriv` for the unprivileged run,
+/// `nsenter` and `ip` (network namespaces, veth pairs) and `ss` for
+/// `remote_peers`, and `ip` for the bench's `--remote` topology.
+const APT_TEST: &[(&str, &str)] = &[
+    ("setpriv", "util-linux"),
+    ("nsenter", "util-linux"),
+    ("ip", "iproute2"),
+    ("ss", "iproute2"),
+];
 
 /// Everything `build`, `run` and `test` need.
 pub fn all(root: &Path) -> Result<()> {
@@ -107,11 +114,13 @@ fn bpf_linker(root: &Path) -> Result<()> {
 }
 
 fn apt(pkgs: &[(&str, &str)]) -> Result<()> {
-    let missing: Vec<&str> = pkgs
+    let mut missing: Vec<&str> = pkgs
         .iter()
         .filter(|(bin, _)| !has_command(bin))
         .map(|(_, pkg)| *pkg)
         .collect();
+    missing.sort_unstable();
+    missing.dedup();
     if missing.is_empty() {
         return Ok(());
     }
