@@ -66,6 +66,8 @@ pub struct Opts {
     pub only: Vec<String>,
     /// Repetitions (default: 3, or 1 with `--quick`).
     pub reps: Option<usize>,
+    /// Peers on other hosts (see [`netns::Remote`]) instead of loopback.
+    pub remote: bool,
     /// Only these workloads (`w1`..`w4`), if given.
     pub workloads: Vec<String>,
     /// Measure in the host's network namespace, under its TCP settings,
@@ -178,6 +180,7 @@ pub fn run(opts: &Opts) -> Result<String, String> {
         .filter(|k| opts.only.is_empty() || opts.only.contains(&k.name()))
         .collect();
     targets::sweep_stale_dirs();
+    netns::sweep_stale();
     for (k, why) in targets::ensure_installed(&kinds) {
         notes.push(format!("{}: left out, {why}", k.name()));
         kinds.retain(|x| *x != k);
@@ -205,12 +208,35 @@ pub fn run(opts: &Opts) -> Result<String, String> {
     };
     // After the installs (they need the host's network), before any thread
     // or process that should share the run's namespace.
-    let net = if opts.host_network {
-        netns::host(None)
+    let (net, remote) = if opts.host_network {
+        (netns::host(None), None)
+    } else if opts.remote {
+        let (net, r) = netns::enter_remote()?;
+        (net, Some(r))
     } else {
-        netns::enter()?
+        (netns::enter()?, None)
     };
-    let origin = origin::Origin::start(2).map_err(|e| format!("starting the origin: {e}"))?;
+    // With peers elsewhere: the origin's threads and sockets start in its
+    // namespace, the targets in the run's, the load generator in the
+    // clients'; this thread follows, as it makes the sockets of each.
+    let to = |side: netns::Side| remote.as_ref().map_or(Ok(()), |r| r.enter(side));
+    let (origin_ip, listen_ip) = if remote.is_some() {
+        (netns::ORIGIN_IP, std::net::IpAddr::from(netns::PROXY_IP))
+    } else {
+        ([127, 0, 0, 1], std::net::IpAddr::from([127, 0, 0, 1]))
+    };
+    to(netns::Side::Origin)?;
+    let origin =
+        origin::Origin::start(2, origin_ip).map_err(|e| format!("starting the origin: {e}"))?;
+    to(netns::Side::Proxy)?;
+    let mut started: Vec<Target> = Vec::new();
+    for k in kinds {
+        match Target::start(k, listen_ip, origin.addr, &opts.sluice) {
+            Ok(t) => started.push(t),
+            Err(e) => notes.push(format!("{}: left out, {e}", k.name())),
+        }
+    }
+    to(netns::Side::Clients)?;
     let load = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("load")
@@ -222,29 +248,25 @@ pub fn run(opts: &Opts) -> Result<String, String> {
     // the one waiting waited a scheduler slice (see `pool`).
     let echo_pool = pool::Pool::new(1, "echo").map_err(|e| e.to_string())?;
     let mut running: Vec<Target> = Vec::new();
-    for k in kinds {
-        match Target::start(k, origin.addr, &opts.sluice) {
-            Ok(t) => {
-                // A smoke check: one session through it before measuring.
-                let ok = load.block_on(async {
-                    let mut c = load::Client::connect(t.addr, "/echo", 1).await?;
-                    c.send(ws::op::BINARY, b"smoke").await?;
-                    let f = c.recv(true).await?;
-                    c.close().await;
-                    if f.payload == b"smoke" {
-                        Ok(())
-                    } else {
-                        Err("echo differs".to_string())
-                    }
-                });
-                match ok {
-                    Ok(()) => running.push(t),
-                    Err(e) => {
-                        notes.push(format!("{}: left out, smoke check failed: {e}", k.name()))
-                    }
-                }
+    for t in started {
+        // A smoke check: one session through it before measuring.
+        let ok = load.block_on(async {
+            let mut c = load::Client::connect(t.addr, "/echo", 1).await?;
+            c.send(ws::op::BINARY, b"smoke").await?;
+            let f = c.recv(true).await?;
+            c.close().await;
+            if f.payload == b"smoke" {
+                Ok(())
+            } else {
+                Err("echo differs".to_string())
             }
-            Err(e) => notes.push(format!("{}: left out, {e}", k.name())),
+        });
+        match ok {
+            Ok(()) => running.push(t),
+            Err(e) => notes.push(format!(
+                "{}: left out, smoke check failed: {e}",
+                t.kind.name()
+            )),
         }
     }
     if running.is_empty() {
@@ -298,7 +320,11 @@ pub fn run(opts: &Opts) -> Result<String, String> {
                 // W3 measures what connections add to a fresh process: in one
                 // that ran W1 and W2, freed and pooled memory hides the cost.
                 if *w == Workload::Idle {
-                    if let Err(e) = t.restart(origin.addr, &opts.sluice) {
+                    let restarted =
+                        to(netns::Side::Proxy).and_then(|()| t.restart(origin.addr, &opts.sluice));
+                    // Back to the clients' whatever happened.
+                    let back = to(netns::Side::Clients);
+                    if let Err(e) = restarted.and(back) {
                         notes.push(format!(
                             "{}: cannot restart for {}: {e}",
                             t.kind.name(),
@@ -392,6 +418,7 @@ pub fn run(opts: &Opts) -> Result<String, String> {
     drop(echo_pool);
     drop(load);
     drop(origin);
+    drop(remote);
     report::write(opts, &plan, &net, &names, &records, &notes)
 }
 

@@ -28,8 +28,14 @@ struct Cli {
     reps: Option<usize>,
     /// Measure in the host's network namespace, under its TCP settings
     /// (default: a namespace of the run's own, with cubic).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "remote")]
     host_network: bool,
+    /// Peers on other hosts, as at an edge: the load generator, the targets
+    /// and the origin each in a namespace of the run's own, joined by veth
+    /// pairs (direct is routed through the targets' namespace). Needs root
+    /// and `ip` (iproute2). The report's name ends in `-remote`.
+    #[arg(long)]
+    remote: bool,
     /// W2's connection counts (comma-separated; default 1,100,1000).
     #[arg(long, value_delimiter = ',')]
     echo_conns: Vec<usize>,
@@ -48,6 +54,7 @@ fn main() -> anyhow::Result<()> {
         reps: cli.reps,
         workloads: cli.workloads,
         host_network: cli.host_network,
+        remote: cli.remote,
         echo_conns: cli.echo_conns,
         echo_sizes: cli.echo_sizes,
     };

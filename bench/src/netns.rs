@@ -26,6 +26,8 @@ const ALLOWED_PATH: &str = "/proc/sys/net/ipv4/tcp_allowed_congestion_control";
 pub struct Network {
     /// In a namespace of its own (`false`: the host's).
     pub own: bool,
+    /// With the peers of [`Remote`].
+    pub remote: bool,
     /// Congestion control the run's sockets use.
     pub congestion: String,
     /// The host's congestion control.
@@ -37,7 +39,16 @@ pub struct Network {
 impl Network {
     /// One line for the report's header.
     pub fn describe(&self) -> String {
-        if self.own {
+        if self.remote {
+            format!(
+                "Network: peers on other hosts: the load generator (10.77.1.2), the targets \
+                 (10.77.1.1 and 10.77.2.1) and the origin (10.77.2.2) each in a namespace of \
+                 the run's own, joined by veth pairs (MTU 1500); direct is the clients' \
+                 packets routed through the targets' namespace. TCP congestion control {} \
+                 (the host's is {}, which stays as it was).",
+                self.congestion, self.host_congestion
+            )
+        } else if self.own {
             format!(
                 "Network: a namespace of the run's own (loopback only), TCP congestion control \
                  {} (the host's is {}, which stays as it was).",
@@ -61,6 +72,7 @@ pub fn host(why: Option<String>) -> Network {
     let cc = current_congestion();
     Network {
         own: false,
+        remote: false,
         congestion: cc.clone(),
         host_congestion: cc,
         why_host: why,
@@ -73,13 +85,37 @@ pub fn host(why: Option<String>) -> Network {
 /// stays in the host's namespace and the result says why; `Err` only if it
 /// left but loopback would not come up (nothing could connect).
 pub fn enter() -> Result<Network, String> {
+    enter_with(false).map(|(net, _)| net)
+}
+
+/// As [`enter`], and then the peers of [`Remote`]: two more namespaces,
+/// joined to the calling thread's by veth pairs. `Err` if any step fails
+/// (a run asked for peers elsewhere cannot stand in for them on loopback).
+pub fn enter_remote() -> Result<(Network, Remote), String> {
+    let (net, remote) = enter_with(true)?;
+    match remote {
+        Some(r) => Ok((net, r)),
+        None => Err(format!(
+            "--remote needs namespaces of the run's own: {}",
+            net.describe()
+        )),
+    }
+}
+
+fn enter_with(remote: bool) -> Result<(Network, Option<Remote>), String> {
     let host_cc = current_congestion();
     // Opened in the host's namespace: the list is only visible there.
     let allowed = AllowedForAWhile::add(CONGESTION);
     if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
-        return Ok(host(Some(format!("unshare(CLONE_NEWNET): {e}"))));
+        return Ok((host(Some(format!("unshare(CLONE_NEWNET): {e}"))), None));
     }
     loopback_up().map_err(|e| format!("bringing loopback up in the run's namespace: {e}"))?;
+    // While the host's list allows cubic in every namespace.
+    let peers = if remote {
+        Some(Remote::set_up()?)
+    } else {
+        None
+    };
     let set = fs::write(CC_PATH, CONGESTION);
     // The namespace keeps its default; the host's list is as it was.
     drop(allowed);
@@ -90,12 +126,178 @@ pub fn enter() -> Result<Network, String> {
             current_congestion()
         }
     };
-    Ok(Network {
+    let net = Network {
         own: true,
+        remote: peers.is_some(),
         congestion,
         host_congestion: host_cc,
         why_host: None,
-    })
+    };
+    Ok((net, peers))
+}
+
+/// The address the targets listen on in a `--remote` run (their side of
+/// the clients' link).
+pub const PROXY_IP: [u8; 4] = [10, 77, 1, 1];
+/// The origin's address in a `--remote` run.
+pub const ORIGIN_IP: [u8; 4] = [10, 77, 2, 2];
+
+/// Peers on other hosts, as at an edge: the load generator and the origin
+/// each in a namespace of its own, joined to the targets' (the run's own,
+/// see [`enter`]) by a veth pair: `10.77.1.2` (clients) to `10.77.1.1`,
+/// and `10.77.2.1` to `10.77.2.2` (origin). The targets' namespace
+/// forwards, so the direct row is the clients' packets routed to the
+/// origin. A thread moves between them with [`Remote::enter`]; sockets
+/// stay in the namespace they were made in, and threads and processes
+/// start in their creator's. Removed on drop.
+pub struct Remote {
+    /// The namespaces made so far (removed on drop).
+    names: Vec<String>,
+    clients: Option<fs::File>,
+    proxy: fs::File,
+    origin: Option<fs::File>,
+}
+
+/// One of [`Remote`]'s namespaces.
+#[derive(Debug, Clone, Copy)]
+pub enum Side {
+    /// The load generator's.
+    Clients,
+    /// The targets' (the run's own namespace).
+    Proxy,
+    /// The origin's.
+    Origin,
+}
+
+impl Remote {
+    /// Made from the targets' namespace, which the calling thread is in.
+    fn set_up() -> Result<Remote, String> {
+        let pid = std::process::id();
+        let proxy = fs::File::open("/proc/thread-self/ns/net")
+            .map_err(|e| format!("the run's namespace: {e}"))?;
+        let mut made = Remote {
+            names: Vec::new(),
+            clients: None,
+            proxy,
+            origin: None,
+        };
+        for (net, tag, near, far) in [(1, "clients", "c0", "c1"), (2, "origin", "o0", "o1")] {
+            let name = format!("sluice-bench-{pid}-{tag}");
+            let name = name.as_str();
+            ip(&["netns", "add", name])?;
+            made.names.push(name.to_string());
+            ip(&[
+                "link", "add", far, "type", "veth", "peer", "name", near, "netns", name,
+            ])?;
+            ip(&["addr", "add", &format!("10.77.{net}.1/24"), "dev", far])?;
+            ip(&["link", "set", far, "up"])?;
+            ip(&["-n", name, "link", "set", "lo", "up"])?;
+            ip(&[
+                "-n",
+                name,
+                "addr",
+                "add",
+                &format!("10.77.{net}.2/24"),
+                "dev",
+                near,
+            ])?;
+            ip(&["-n", name, "link", "set", near, "up"])?;
+            ip(&[
+                "-n",
+                name,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("10.77.{net}.1"),
+            ])?;
+            let f = fs::File::open(format!("/run/netns/{name}"))
+                .map_err(|e| format!("/run/netns/{name}: {e}"))?;
+            // Its own congestion control, as the run's namespace has.
+            let cc = std::thread::scope(|s| {
+                s.spawn(|| {
+                    nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+                        .map_err(|e| e.to_string())?;
+                    fs::write(CC_PATH, CONGESTION).map_err(|e| e.to_string())
+                })
+                .join()
+                .unwrap_or_else(|_| Err("the thread setting it panicked".into()))
+            });
+            if let Err(e) = cc {
+                eprintln!("sluice-bench: cannot set {CONGESTION} in {name}: {e}");
+            }
+            if net == 1 {
+                made.clients = Some(f);
+            } else {
+                made.origin = Some(f);
+            }
+        }
+        fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+            .map_err(|e| format!("forwarding in the run's namespace: {e}"))?;
+        Ok(made)
+    }
+
+    /// Moves the calling thread into `side`'s namespace.
+    pub fn enter(&self, side: Side) -> Result<(), String> {
+        let f = match side {
+            Side::Clients => self.clients.as_ref(),
+            Side::Proxy => Some(&self.proxy),
+            Side::Origin => self.origin.as_ref(),
+        }
+        .ok_or_else(|| format!("the {side:?} namespace was not made"))?;
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("entering the {side:?} namespace: {e}"))
+    }
+}
+
+impl Drop for Remote {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = ip(&["netns", "del", n]);
+        }
+    }
+}
+
+/// Removes the `--remote` namespaces of runs whose process is gone (killed
+/// before their [`Remote`] was dropped).
+pub fn sweep_stale() {
+    let Ok(dir) = fs::read_dir("/run/netns") else {
+        return;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("sluice-bench-")
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = ip(&["netns", "del", &name]);
+        }
+    }
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| {
+            format!(
+                "ip {}: {e} (iproute2 is needed for --remote)",
+                args.join(" ")
+            )
+        })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
 }
 
 /// The host's list of allowed algorithms with one more in it, put back as

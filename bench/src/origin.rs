@@ -26,8 +26,8 @@ pub struct Origin {
 }
 
 impl Origin {
-    /// Starts on 127.0.0.1 with `threads` worker threads.
-    pub fn start(threads: usize) -> std::io::Result<Origin> {
+    /// Starts on `ip` (a free port) with `threads` worker threads.
+    pub fn start(threads: usize, ip: [u8; 4]) -> std::io::Result<Origin> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
             .thread_name("origin")
@@ -36,7 +36,7 @@ impl Origin {
         let listener = rt.block_on(async {
             let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
             s.set_reuse_address(true)?;
-            s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+            s.bind(&SocketAddr::from((ip, 0)).into())?;
             s.listen(4096)?;
             s.set_nonblocking(true)?;
             TcpListener::from_std(s.into())

@@ -428,7 +428,11 @@ pub fn write(
     }
 
     std::fs::create_dir_all(&opts.out).map_err(|e| format!("{}: {e}", opts.out.display()))?;
-    let stem = format!("{date}-{host}{}", if opts.quick { "-quick" } else { "" });
+    let stem = format!(
+        "{date}-{host}{}{}",
+        if opts.remote { "-remote" } else { "" },
+        if opts.quick { "-quick" } else { "" }
+    );
     let _ = writeln!(
         md,
         "\nCharts: `{stem}-w1.svg`, `{stem}-w2.svg`, `{stem}-w3.svg`, `{stem}-w4.svg`."

@@ -115,9 +115,9 @@ pub fn ensure_installed(kinds: &[Kind]) -> Vec<(Kind, String)> {
     notes
 }
 
-/// A free loopback port (bound, then released).
-pub fn free_addr() -> std::io::Result<SocketAddr> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+/// A free port on `ip` (bound, then released).
+pub fn free_addr(ip: std::net::IpAddr) -> std::io::Result<SocketAddr> {
+    let l = std::net::TcpListener::bind((ip, 0))?;
     l.local_addr()
 }
 
@@ -134,8 +134,14 @@ pub struct Target {
 }
 
 impl Target {
-    /// Starts `kind` in front of `origin`; `sluice` is the daemon's binary.
-    pub fn start(kind: Kind, origin: SocketAddr, sluice: &Path) -> Result<Target, String> {
+    /// Starts `kind` on a free port of `listen`, in front of `origin`;
+    /// `sluice` is the daemon's binary.
+    pub fn start(
+        kind: Kind,
+        listen: std::net::IpAddr,
+        origin: SocketAddr,
+        sluice: &Path,
+    ) -> Result<Target, String> {
         if kind == Kind::Direct {
             return Ok(Target {
                 kind,
@@ -145,7 +151,7 @@ impl Target {
                 _owner: None,
             });
         }
-        let addr = free_addr().map_err(|e| e.to_string())?;
+        let addr = free_addr(listen).map_err(|e| e.to_string())?;
         let dir = std::env::temp_dir().join(format!(
             "sluice-bench-{}-{}",
             std::process::id(),
@@ -326,7 +332,7 @@ impl Target {
     pub fn restart(&mut self, origin: SocketAddr, sluice: &Path) -> Result<(), String> {
         self.stop();
         // The old value, already stopped, drops here with nothing left to do.
-        *self = Target::start(self.kind, origin, sluice)?;
+        *self = Target::start(self.kind, self.addr.ip(), origin, sluice)?;
         Ok(())
     }
 

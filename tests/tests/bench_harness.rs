@@ -4,7 +4,9 @@
 //! mid-way takes its targets with it.
 //!
 //! As root (CI) the harness measures in a network namespace of its own;
-//! otherwise in the host's, on loopback either way.
+//! otherwise in the host's, on loopback either way. As root, a small
+//! `--remote` run (peers in namespaces of their own, over veth) reports its
+//! topology and leaves no namespace behind.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -179,6 +181,67 @@ fn a_small_run_writes_its_report_and_leaves_nothing_running() {
         "working directories left: {:?}",
         target_dirs(pid)
     );
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn a_run_with_peers_elsewhere_goes_through_veth_and_removes_its_namespaces() {
+    if !sluice_e2e::is_root() {
+        eprintln!("SKIP: --remote makes network namespaces, which needs root; CI runs as root");
+        return;
+    }
+    let out = out_dir("bench-remote");
+    let mut child = start_bench(
+        &[
+            "--remote",
+            "--targets",
+            "direct,sluice-tcpsplice",
+            "--workloads",
+            "w2",
+            "--echo-conns",
+            "1",
+            "--echo-sizes",
+            "64",
+            "--reps",
+            "1",
+        ],
+        &out,
+        Stdio::piped(),
+    );
+    let pid = child.id();
+    let mut stdout = child.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stdout, &mut s);
+        s
+    });
+    let status = wait_for(&mut child, Duration::from_secs(180));
+    let report = reader.join().expect("stdout reader");
+    assert!(
+        status.success(),
+        "sluice-bench --remote: {status}\n{report}"
+    );
+    assert!(
+        report.contains("Network: peers on other hosts"),
+        "the report names the topology:\n{report}"
+    );
+    for row in ["| 1 x 64 B | direct |", "| 1 x 64 B | sluice-tcpsplice |"] {
+        assert!(report.contains(row), "no {row} row:\n{report}");
+    }
+    let md = files_with(&out, "md");
+    assert!(
+        md.len() == 1 && md[0].to_string_lossy().contains("-remote-quick"),
+        "{md:?}"
+    );
+    let left: Vec<String> = std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&format!("sluice-bench-{pid}-")))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(left.is_empty(), "namespaces left: {left:?}");
     let _ = std::fs::remove_dir_all(&out);
 }
 
