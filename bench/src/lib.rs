@@ -320,6 +320,17 @@ pub fn run(opts: &Opts) -> Result<String, String> {
                 // W3 measures what connections add to a fresh process: in one
                 // that ran W1 and W2, freed and pooled memory hides the cost.
                 if *w == Workload::Idle {
+                    // The last run's connections, both ends of which are in
+                    // this process, must be gone before this one's open.
+                    let most = (nofile as usize).saturating_sub(2 * idle_conns);
+                    let open = sys::wait_for_fds(most, Duration::from_secs(30));
+                    if open > most {
+                        notes.push(format!(
+                            "{}: {open} fds still open before {} (at most {most} leave room)",
+                            t.kind.name(),
+                            w.title()
+                        ));
+                    }
                     let restarted =
                         to(netns::Side::Proxy).and_then(|()| t.restart(origin.addr, &opts.sluice));
                     // Back to the clients' whatever happened.

@@ -44,7 +44,8 @@ impl Network {
                 "Network: peers on other hosts: the load generator (10.77.1.2), the targets \
                  (10.77.1.1 and 10.77.2.1) and the origin (10.77.2.2) each in a namespace of \
                  the run's own, joined by veth pairs (MTU 1500); direct is the clients' \
-                 packets routed through the targets' namespace. TCP congestion control {} \
+                 packets routed through the targets' namespace; ephemeral ports 1024-65535 and \
+                 tcp_tw_reuse 1 in each, as on an edge host. TCP congestion control {} \
                  (the host's is {}, which stays as it was).",
                 self.congestion, self.host_congestion
             )
@@ -218,13 +219,14 @@ impl Remote {
                 s.spawn(|| {
                     nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
                         .map_err(|e| e.to_string())?;
-                    fs::write(CC_PATH, CONGESTION).map_err(|e| e.to_string())
+                    fs::write(CC_PATH, CONGESTION).map_err(|e| e.to_string())?;
+                    edge_ports()
                 })
                 .join()
                 .unwrap_or_else(|_| Err("the thread setting it panicked".into()))
             });
             if let Err(e) = cc {
-                eprintln!("sluice-bench: cannot set {CONGESTION} in {name}: {e}");
+                eprintln!("sluice-bench: cannot set up TCP in {name}: {e}");
             }
             if net == 1 {
                 made.clients = Some(f);
@@ -234,6 +236,7 @@ impl Remote {
         }
         fs::write("/proc/sys/net/ipv4/ip_forward", "1")
             .map_err(|e| format!("forwarding in the run's namespace: {e}"))?;
+        edge_ports().map_err(|e| format!("ports in the run's namespace: {e}"))?;
         Ok(made)
     }
 
@@ -256,6 +259,22 @@ impl Drop for Remote {
             let _ = ip(&["netns", "del", n]);
         }
     }
+}
+
+/// What an edge host that opens many connections to one origin sets: the
+/// whole ephemeral port range, and `tcp_tw_reuse` for every connection
+/// (Linux's default, 2, reuses TIME_WAIT ports on loopback only). W3 opens
+/// 9,900 connections per repetition from one address to one origin port;
+/// the ports of a repetition's closed ones would otherwise sit in
+/// TIME_WAIT for a minute, and the third repetition ran out (502s).
+fn edge_ports() -> Result<(), String> {
+    for (path, value) in [
+        ("/proc/sys/net/ipv4/ip_local_port_range", "1024 65535"),
+        ("/proc/sys/net/ipv4/tcp_tw_reuse", "1"),
+    ] {
+        fs::write(path, value).map_err(|e| format!("{path}: {e}"))?;
+    }
+    Ok(())
 }
 
 /// Removes the `--remote` namespaces of runs whose process is gone (killed

@@ -110,6 +110,27 @@ pub fn kernel_socket_mem() -> u64 {
     pages * 4096 + slab * 1024
 }
 
+/// How many fds this process has open.
+pub fn open_fds() -> usize {
+    fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+}
+
+/// Waits until this process has at most `most` fds open, for up to
+/// `limit`; the count it ended at. The origin's end of a connection the
+/// load generator closed goes once the origin has read the FIN, which
+/// behind a proxy over veth can take longer than the next run takes to
+/// start.
+pub fn wait_for_fds(most: usize, limit: std::time::Duration) -> usize {
+    let end = std::time::Instant::now() + limit;
+    loop {
+        let n = open_fds();
+        if n <= most || std::time::Instant::now() > end {
+            return n;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// Raises the fd limit (children inherit it): to 262144 if allowed (root
 /// may raise the hard limit), else the soft limit to the hard one.
 /// Returns the new soft limit.

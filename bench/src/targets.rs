@@ -517,12 +517,16 @@ backend origin
 }
 
 fn caddy_conf(addr: SocketAddr, origin: SocketAddr) -> String {
+    // Without `bind`, Caddy listens on the port of every address, which an
+    // outgoing connection from another of this host's addresses may hold.
+    let ip = addr.ip();
     format!(
         "{{
     admin off
     auto_https off
 }}
 http://{addr} {{
+    bind {ip}
     reverse_proxy {origin}
 }}
 "

@@ -41,6 +41,21 @@ fn start_bench(args: &[&str], out: &Path, stdout: Stdio) -> Child {
         .expect("start sluice-bench")
 }
 
+/// Runs a quick run with `args` to its end (at most 180 s): its pid, its
+/// exit status and what it printed.
+fn run_bench(args: &[&str], out: &Path) -> (u32, std::process::ExitStatus, String) {
+    let mut child = start_bench(args, out, Stdio::piped());
+    let pid = child.id();
+    let mut stdout = child.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stdout, &mut s);
+        s
+    });
+    let status = wait_for(&mut child, Duration::from_secs(180));
+    (pid, status, reader.join().expect("stdout reader"))
+}
+
 /// A fresh output directory for one test.
 fn out_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("sluice-e2e-{name}-{}", std::process::id()));
@@ -135,7 +150,7 @@ fn files_with(dir: &Path, ext: &str) -> Vec<PathBuf> {
 #[test]
 fn a_small_run_writes_its_report_and_leaves_nothing_running() {
     let out = out_dir("bench-small");
-    let mut child = start_bench(
+    let (pid, status, printed) = run_bench(
         &[
             "--targets",
             "direct,sluice-userspace",
@@ -149,17 +164,7 @@ fn a_small_run_writes_its_report_and_leaves_nothing_running() {
             "1",
         ],
         &out,
-        Stdio::piped(),
     );
-    let pid = child.id();
-    let mut stdout = child.stdout.take().expect("stdout");
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut stdout, &mut s);
-        s
-    });
-    let status = wait_for(&mut child, Duration::from_secs(180));
-    let printed = reader.join().expect("stdout reader");
     assert!(status.success(), "sluice-bench: {status}\n{printed}");
 
     let md = files_with(&out, "md");
@@ -191,7 +196,7 @@ fn a_run_with_peers_elsewhere_goes_through_veth_and_removes_its_namespaces() {
         return;
     }
     let out = out_dir("bench-remote");
-    let mut child = start_bench(
+    let (pid, status, report) = run_bench(
         &[
             "--remote",
             "--targets",
@@ -206,17 +211,7 @@ fn a_run_with_peers_elsewhere_goes_through_veth_and_removes_its_namespaces() {
             "1",
         ],
         &out,
-        Stdio::piped(),
     );
-    let pid = child.id();
-    let mut stdout = child.stdout.take().expect("stdout");
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut stdout, &mut s);
-        s
-    });
-    let status = wait_for(&mut child, Duration::from_secs(180));
-    let report = reader.join().expect("stdout reader");
     assert!(
         status.success(),
         "sluice-bench --remote: {status}\n{report}"

@@ -171,6 +171,30 @@ fn every_path_carries_a_session_between_peers_on_other_hosts() {
 
 #[test]
 fn a_session_with_one_peer_on_this_host_stays_in_the_relay() {
+    // The origin on the proxy's own loopback; the client elsewhere.
+    stays_in_the_relay(
+        |t| (t.ns("px"), "127.0.0.1:9000".parse().unwrap()),
+        "one peer is on this host",
+    );
+}
+
+#[test]
+fn peers_whose_paths_differ_in_mtu_stay_in_the_relay() {
+    // The origin's link takes smaller packets than the client's sends.
+    stays_in_the_relay(
+        |t| {
+            ip(&["-n", &t.ns("px"), "link", "set", "o1", "mtu", "1400"]);
+            ip(&["-n", &t.ns("org"), "link", "set", "o0", "mtu", "1400"]);
+            (t.ns("org"), ORIGIN.parse().unwrap())
+        },
+        "smaller MTU on one side",
+    );
+}
+
+/// A session tcpsplice must not join: `place` sets the topology up and
+/// says where the origin runs; the relay carries the session whole, and
+/// the log says `why`.
+fn stays_in_the_relay(place: impl FnOnce(&Topology) -> (String, SocketAddr), why: &str) {
     if !is_root() {
         eprintln!("SKIP: network namespaces need root; CI runs as root");
         return;
@@ -180,9 +204,8 @@ fn a_session_with_one_peer_on_this_host_stays_in_the_relay() {
         return;
     }
     let t = Topology::new();
-    // The origin on the proxy's own loopback; the client elsewhere.
-    let origin_addr: SocketAddr = "127.0.0.1:9000".parse().unwrap();
-    let _origin = PyOrigin::start_at(Some(&t.ns("px")), origin_addr);
+    let (origin_ns, origin_addr) = place(&t);
+    let _origin = PyOrigin::start_at(Some(&origin_ns), origin_addr);
     let s = Sluice::start_in_netns(
         Mode::Tcpsplice,
         &t.ns("px"),
@@ -194,34 +217,5 @@ fn a_session_with_one_peer_on_this_host_stays_in_the_relay() {
     let line = s.wait_log("closed:", Duration::from_secs(10));
     assert!(line.contains("closed: closed"), "{line}");
     assert!(line.contains("datapath=userspace"), "{line}");
-    s.wait_log("one peer is on this host", Duration::from_secs(5));
-}
-
-#[test]
-fn peers_whose_paths_differ_in_mtu_stay_in_the_relay() {
-    if !is_root() {
-        eprintln!("SKIP: network namespaces need root; CI runs as root");
-        return;
-    }
-    if !modes().contains(&Mode::Tcpsplice) {
-        eprintln!("SKIP: this run does not cover tcpsplice");
-        return;
-    }
-    let t = Topology::new();
-    // The origin's link takes smaller packets than the client's sends.
-    ip(&["-n", &t.ns("px"), "link", "set", "o1", "mtu", "1400"]);
-    ip(&["-n", &t.ns("org"), "link", "set", "o0", "mtu", "1400"]);
-    let origin_addr: SocketAddr = ORIGIN.parse().unwrap();
-    let _origin = PyOrigin::start_at(Some(&t.ns("org")), origin_addr);
-    let s = Sluice::start_in_netns(
-        Mode::Tcpsplice,
-        &t.ns("px"),
-        PROXY.parse().unwrap(),
-        origin_addr,
-    );
-    let got = t.client(&format!("ws://{PROXY}/"));
-    assert_eq!(got, all_echoed(), "{}", s.logs());
-    let line = s.wait_log("closed:", Duration::from_secs(10));
-    assert!(line.contains("datapath=userspace"), "{line}");
-    s.wait_log("smaller MTU on one side", Duration::from_secs(5));
+    s.wait_log(why, Duration::from_secs(5));
 }
