@@ -42,8 +42,7 @@ use aya_ebpf::{
 use proxy_common::splice::{
     FlowKey, FlowRef, SpliceConn, SpliceEvent, SpliceEventKind, SpliceSide, FLAGS_DONE, FLAG_FIN,
     FLAG_FIN_ACKED, FLAG_RST, GATE_ARMED, GATE_OBSERVE, GATE_SPLICED, GATE_STATE, LOOPBACK_IFINDEX,
-    MAX_SPLICES, SET,
-    STATS_LEN, STAT_FAILED, STAT_REWRITTEN,
+    MAX_SPLICES, SET, STATS_LEN, STAT_FAILED, STAT_REWRITTEN,
 };
 
 #[map(name = "FLOWS")]

@@ -2,7 +2,7 @@
 //!
 //! | path | needs | how |
 //! |---|---|---|
-//! | `tcpsplice` | Linux 5.17+ (TCX from 6.6), CAP_BPF + CAP_NET_ADMIN (or root), client and origin on this host (IPv4) | once idle, a tc program joins the two TCP connections at the packet level: the proxy's sockets leave the byte path ([`tcpsplice`]) |
+//! | `tcpsplice` | Linux 5.17+ (TCX from 6.6), CAP_BPF + CAP_NET_ADMIN (or root), IPv4, client and origin both on this host or both elsewhere (behind Ethernet interfaces) | once idle, a tc program joins the two TCP connections at the packet level: the proxy's sockets leave the byte path ([`tcpsplice`]) |
 //! | `sockmap` | Linux 5.19+, CAP_BPF + CAP_NET_ADMIN (or root) | eBPF sk_skb verdict redirects socket to socket |
 //! | `uring` | Linux 5.11+ (5.19+ for `COOP_TASKRUN`, 5.7+ for splices), io_uring not disabled | each worker's io_uring runtime; read/write, or while a direction streams, `IORING_OP_SPLICE` through a pooled pipe in chains an io-wq worker runs |
 //! | `userspace` | anything (`splice`: Linux 2.6.17+) | tokio; a read into the worker's scratch buffer, or `splice` through a pooled pipe while a direction streams |

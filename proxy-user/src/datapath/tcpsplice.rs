@@ -13,13 +13,13 @@
 //! `membarrier(MEMBARRIER_CMD_GLOBAL)` (not under `nohz_full`), and IPv4.
 //!
 //! Where the peers are: the program sits on `lo`'s ingress and on both
-//! hooks of every Ethernet interface that is up at start. It notes the
-//! interface each peer's packets come in on. Peers both on this host (over
-//! `lo`): a rewritten packet goes on up the stack to the other peer. Peers
-//! both elsewhere (an edge host's clients and origins): it leaves by the
-//! other peer's interface to its next hop (`bpf_redirect_neigh`), as a
-//! router would send it, and the egress program drops what the frozen
-//! sockets send there. Sessions with one peer of each kind, peers behind
+//! hooks of every Ethernet interface that is up at start. When a session
+//! is first observed, user space looks up the route to each peer
+//! ([`route`]). Peers both on this host (over `lo`): a rewritten packet
+//! goes on up the stack to the other peer. Peers both elsewhere (an edge
+//! host's clients and origins): it leaves by the other peer's interface to
+//! its next hop (`bpf_redirect_neigh`), as a router would send it, and the
+//! egress program drops what the frozen sockets send there. Sessions with one peer of each kind, peers behind
 //! interfaces of other kinds or different MTUs, stay in the user-space
 //! relay, as do sessions that do not fit otherwise.
 //!
