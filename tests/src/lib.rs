@@ -732,7 +732,19 @@ pub fn pattern(offset: u64, buf: &mut [u8]) {
 }
 
 /// Streams `len` bytes of [`pattern`] in `chunk`-sized writes, then FIN.
-pub async fn send_pattern(mut s: tokio::net::tcp::OwnedWriteHalf, len: u64, chunk: usize) {
+pub async fn send_pattern(s: tokio::net::tcp::OwnedWriteHalf, len: u64, chunk: usize) {
+    send_pattern_counted(s, len, chunk, &std::sync::atomic::AtomicU64::new(0)).await;
+}
+
+/// As [`send_pattern`], adding each write to `written` once it returns, so
+/// that another task can see how far the writer got (how much a stalled
+/// reader let through).
+pub async fn send_pattern_counted(
+    mut s: tokio::net::tcp::OwnedWriteHalf,
+    len: u64,
+    chunk: usize,
+    written: &std::sync::atomic::AtomicU64,
+) {
     let mut buf = vec![0u8; chunk];
     let mut off = 0;
     while off < len {
@@ -740,8 +752,35 @@ pub async fn send_pattern(mut s: tokio::net::tcp::OwnedWriteHalf, len: u64, chun
         pattern(off, &mut buf[..n]);
         s.write_all(&buf[..n]).await.unwrap();
         off += n as u64;
+        written.store(off, std::sync::atomic::Ordering::SeqCst);
     }
     s.shutdown().await.unwrap();
+}
+
+/// Runs `f` on a thread of its own inside the network namespace
+/// `/run/netns/<ns>`, on a current-thread runtime: the sockets it makes
+/// live in that namespace.
+pub fn in_netns<T, F>(
+    ns: &str,
+    f: impl FnOnce() -> F + Send + 'static,
+) -> std::thread::JoinHandle<T>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = T>,
+{
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid namespace fd; only this thread moves.
+        let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime")
+            .block_on(f())
+    })
 }
 
 /// Waits `stall`, then reads to EOF in `chunk`-sized reads; returns the

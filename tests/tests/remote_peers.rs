@@ -7,6 +7,9 @@
 //! On every path, a Python `websockets` client sends random 1 MiB binary
 //! messages and small text ones to a Python `websockets` echo origin, and
 //! compares each echo; the close line must name the mode's own path.
+//! `the_three_relay_traps_between_hosts` covers the traps of
+//! `../shared/datapath-facts.md` across hosts, on every path.
+//!
 //! Two cases tcpsplice does not join, says why, and leaves to the relay: the
 //! origin on the proxy's own loopback (one peer on this host, one
 //! elsewhere), and an origin link with a smaller MTU than the client's.
@@ -15,6 +18,7 @@
 
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use sluice_e2e::*;
@@ -32,8 +36,14 @@ struct Topology {
 
 impl Topology {
     fn new() -> Topology {
+        // Tests of this file may run at once (plain `cargo test`).
+        static MADE: AtomicU32 = AtomicU32::new(0);
         let t = Topology {
-            prefix: format!("sluice-t{}", std::process::id()),
+            prefix: format!(
+                "sluice-t{}-{}",
+                std::process::id(),
+                MADE.fetch_add(1, Ordering::SeqCst)
+            ),
         };
         let (c, p, o) = (t.ns("cli"), t.ns("px"), t.ns("org"));
         for ns in [&c, &p, &o] {
@@ -167,6 +177,133 @@ fn every_path_carries_a_session_between_peers_on_other_hosts() {
             "{mode:?}: connections stayed open in the proxy's namespace"
         );
     }
+}
+
+/// Bytes each way in [`the_three_relay_traps_between_hosts`]: more than
+/// [`HELD`], so a path without backpressure would take it all in.
+const STREAM: u64 = 256 << 20;
+/// How long the origin leaves its socket unread.
+const STALL: Duration = Duration::from_secs(1);
+/// Most the client may write while the origin reads nothing: the peers'
+/// and a relay's socket buffers and its bounded buffer
+/// (`limits.max_buffer_per_direction`, 32 MiB by default), with room. A
+/// relay without backpressure takes in everything (the naive sockmap relay
+/// took 2.2 GiB in 5 s).
+const HELD: u64 = 96 << 20;
+/// How far the client's pattern got: the client's thread writes it, the
+/// origin's reads it when its stall ends.
+static CLIENT_WRITTEN: AtomicU64 = AtomicU64::new(0);
+
+/// The three traps of a naive sockmap relay, on every path, with peers on
+/// other hosts (tcpsplice: through the redirect):
+/// - bytes that came with the handshake (a client frame pipelined after the
+///   request, an origin frame in the 101's segment) arrive first;
+/// - backpressure: while the origin reads nothing for a second, the client
+///   gets at most [`HELD`] of [`STREAM`] out;
+/// - half-close: each side sends [`STREAM`] bytes of a counting pattern and
+///   FIN at once, and each sees EOF only after every byte, in order.
+#[test]
+fn the_three_relay_traps_between_hosts() {
+    if !is_root() {
+        eprintln!("SKIP: network namespaces need root; CI runs as root");
+        return;
+    }
+    let t = Topology::new();
+    let origin_addr: SocketAddr = "10.77.2.2:9001".parse().unwrap();
+    let client_frame = frame(2, b"pipelined after the request", true);
+    let origin_frame = frame(2, b"in the 101's segment", false);
+    let (listening, ready) = std::sync::mpsc::channel();
+    let n = modes().len();
+    let origin = {
+        let (client_frame, origin_frame) = (client_frame.clone(), origin_frame.clone());
+        in_netns(&t.ns("org"), move || async move {
+            let l = tokio::net::TcpListener::bind(origin_addr).await.unwrap();
+            listening.send(()).unwrap();
+            // One session per mode.
+            let mut sessions = Vec::new();
+            for _ in 0..n {
+                let (o, _, ahead) = raw_origin(&l, &origin_frame).await;
+                sessions.push(origin_side(o, ahead, &client_frame).await);
+            }
+            sessions
+        })
+    };
+    ready.recv().unwrap();
+    for mode in modes() {
+        let s = Sluice::start_in_netns(mode, &t.ns("px"), PROXY.parse().unwrap(), origin_addr);
+        let (client_frame, origin_frame) = (client_frame.clone(), origin_frame.clone());
+        CLIENT_WRITTEN.store(0, Ordering::SeqCst);
+        let got = in_netns(&t.ns("cli"), move || async move {
+            let (c, ahead) = raw_client(PROXY.parse().unwrap(), &client_frame).await;
+            let (mut cr, cw) = c.into_split();
+            let ahead = read_exactly(&mut cr, ahead, origin_frame.len()).await;
+            assert_eq!(ahead, origin_frame, "the origin's frame first");
+            quiet().await;
+            let (_, checked) = tokio::join!(
+                send_pattern_counted(cw, STREAM, 64 << 10, &CLIENT_WRITTEN),
+                check_pattern(cr, Duration::ZERO, 256 << 10),
+            );
+            checked
+        })
+        .join()
+        .unwrap_or_else(|_| panic!("{mode:?}: the client failed\n{}", s.logs()));
+        assert_eq!(got, (None, STREAM), "{mode:?}: origin -> client");
+        let line = s.wait_log("closed:", Duration::from_secs(10));
+        s.assert_own_path(&line);
+    }
+    let sessions = origin.join().expect("the origin");
+    assert_eq!(sessions.len(), modes().len(), "one session per mode");
+    for (mode, (held, checked)) in modes().into_iter().zip(sessions) {
+        eprintln!(
+            "remote traps {mode:?}: the client got {} KiB of {} MiB out during the stall",
+            held >> 10,
+            STREAM >> 20
+        );
+        assert!(
+            held <= HELD,
+            "{mode:?}: the client wrote {held} bytes while the origin read nothing"
+        );
+        assert_eq!(checked, (None, STREAM), "{mode:?}: client -> origin");
+    }
+}
+
+/// The origin's half of a session: the client's frame first, then a
+/// stall, then the pattern to EOF while sending its own. Returns what the
+/// client had written when the stall ended, and the check of what came.
+async fn origin_side(
+    o: tokio::net::TcpStream,
+    ahead: Vec<u8>,
+    client_frame: &[u8],
+) -> (u64, (Option<u64>, u64)) {
+    let (mut or, ow) = o.into_split();
+    let ahead = read_exactly(&mut or, ahead, client_frame.len()).await;
+    assert_eq!(ahead, client_frame, "the client's frame first");
+    // The client's pattern starts after its quiet moment; the origin's
+    // after the same moment, so both directions stream at once.
+    quiet().await;
+    let sent = tokio::spawn(send_pattern(ow, STREAM, 1 << 20));
+    tokio::time::sleep(STALL).await;
+    let written = CLIENT_WRITTEN.load(Ordering::SeqCst);
+    let checked = check_pattern(or, Duration::ZERO, 256 << 10).await;
+    sent.await.unwrap();
+    (written, checked)
+}
+
+/// Reads until `have` holds `n` bytes; returns exactly those (the test's
+/// peers send nothing else before the pattern).
+async fn read_exactly(
+    r: &mut tokio::net::tcp::OwnedReadHalf,
+    mut have: Vec<u8>,
+    n: usize,
+) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    while have.len() < n {
+        let mut buf = vec![0u8; n - have.len()];
+        let got = r.read(&mut buf).await.unwrap();
+        assert!(got > 0, "EOF before the handshake's bytes");
+        have.extend_from_slice(&buf[..got]);
+    }
+    have
 }
 
 #[test]
