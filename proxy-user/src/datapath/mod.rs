@@ -250,10 +250,7 @@ impl DataPaths {
             DataPathChoice::Auto => match &tcpsplice {
                 Ok(_) => (
                     DataPath::Tcpsplice,
-                    "auto: tcpsplice measured fastest (cargo xtask bench); IPv4 sessions whose \
-                     client and origin are both on this host, or both elsewhere, join once \
-                     idle; others stay in user space"
-                        .to_string(),
+                    format!("auto: tcpsplice measured fastest (cargo xtask bench); {SPLICE_SCOPE}"),
                 ),
                 Err(e) => {
                     let uring_state = match uring::probe() {
@@ -274,9 +271,7 @@ impl DataPaths {
             DataPathChoice::Userspace => (DataPath::Userspace, "configured userspace".to_string()),
             DataPathChoice::Tcpsplice => (
                 DataPath::Tcpsplice,
-                "configured tcpsplice; IPv4 sessions whose client and origin are both on \
-                 this host, or both elsewhere, join once idle; others stay in user space"
-                    .to_string(),
+                format!("configured tcpsplice; {SPLICE_SCOPE}"),
             ),
         };
         Ok(DataPaths {
@@ -453,6 +448,10 @@ impl DataPaths {
 fn first_line(e: &impl std::fmt::Display) -> String {
     e.to_string().lines().next().unwrap_or_default().to_string()
 }
+
+/// Which sessions tcpsplice joins, for the ready line.
+const SPLICE_SCOPE: &str = "IPv4 sessions whose client and origin are both on this host, or \
+     both elsewhere, join once idle; others stay in user space";
 
 /// The first wait before a session whose bytes moved tries to splice again.
 const SPLICE_RETRY_MIN: std::time::Duration = std::time::Duration::from_millis(10);
