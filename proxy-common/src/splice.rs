@@ -146,8 +146,9 @@ pub struct SpliceRewrite {
     /// What the proxy's socket facing this peer has sent (`write_seq`).
     pub flip_ack: u32,
     /// The interface the rewritten packets leave by: the route to the
-    /// other peer. [`LOOPBACK_IFINDEX`] (or 0): they go on up the stack to
-    /// a peer on this host; any other: out of it, to the next hop.
+    /// other peer. [`LOOPBACK_IFINDEX`] (or 0): to a peer on this host, up
+    /// the stack (from `lo`) or out of `lo` (from another interface); any
+    /// other: out of it, to the next hop.
     pub ifindex: u32,
     /// Padding made explicit.
     pub _pad: u32,
@@ -179,6 +180,13 @@ pub struct SpliceSide {
 
 /// The loopback interface's index, in every network namespace.
 pub const LOOPBACK_IFINDEX: u64 = 1;
+
+/// The `skb->mark` bit the ingress program sets on a packet it rewrote on
+/// another interface and sends out of `lo` (to a peer on this host);
+/// `lo`'s run of the program clears it and lets the packet by. It carries
+/// the 4-tuple of the proxy's own socket, whose output the program would
+/// otherwise drop. Policy routing rules on marks see it in the lookup.
+pub const REDIRECTED_MARK: u32 = 1 << 29;
 
 /// One spliced session.
 #[repr(C)]

@@ -12,8 +12,11 @@
 //! snapshot.
 //!
 //! A packet goes on to the other peer by the interface of that peer's
-//! route, which user space looked up: up the stack when it is `lo` (a peer
-//! on this host), out of it to the next hop otherwise
+//! route, which user space looked up. To a peer on this host (`lo`): up
+//! the stack when the packet came in on `lo` too, else out of `lo` with
+//! the local route attached (`bpf_redirect_neigh`, marked with
+//! `REDIRECTED_MARK` so that `lo`'s run of this program lets it by). To a
+//! peer elsewhere: out of its interface to the next hop
 //! (`bpf_redirect_neigh`). A second program, on the egress of interfaces
 //! other than `lo`, drops what a spliced session's frozen sockets send.
 //!
@@ -42,7 +45,7 @@ use aya_ebpf::{
 use proxy_common::splice::{
     FlowKey, FlowRef, SpliceConn, SpliceEvent, SpliceEventKind, SpliceSide, FLAGS_DONE, FLAG_FIN,
     FLAG_FIN_ACKED, FLAG_RST, GATE_ARMED, GATE_OBSERVE, GATE_SPLICED, GATE_STATE, LOOPBACK_IFINDEX,
-    MAX_SPLICES, SET, STATS_LEN, STAT_FAILED, STAT_REWRITTEN,
+    MAX_SPLICES, REDIRECTED_MARK, SET, STATS_LEN, STAT_FAILED, STAT_REWRITTEN,
 };
 
 #[map(name = "FLOWS")]
@@ -161,6 +164,15 @@ fn try_splice(ctx: &TcContext) -> Result<i32, i64> {
         return Ok(NEXT);
     };
     if flow.side > 1 {
+        // SAFETY: a field of the packet's context.
+        let mark = unsafe { (*ctx.skb.skb).mark };
+        if mark & REDIRECTED_MARK != 0 {
+            // A remote peer's packet, rewritten where it came in and sent
+            // on here to a peer on this host: it carries the 4-tuple of
+            // the proxy socket it stands in for. On up the stack.
+            ctx.set_mark(mark & !REDIRECTED_MARK);
+            return Ok(NEXT);
+        }
         // The proxy's own socket sends: nothing of it may reach a peer of
         // a spliced session (the socket is frozen at the splice point).
         // SAFETY: array elements never move.
@@ -352,8 +364,25 @@ fn try_splice(ctx: &TcContext) -> Result<i32, i64> {
     }
     let out = u64::from(out_if);
     if out == LOOPBACK_IFINDEX || out == 0 {
-        // The other peer is on this host: up the stack to it.
-        return Ok(TC_ACT_OK);
+        // SAFETY: a field of the packet's context.
+        let came_in = u64::from(unsafe { (*ctx.skb.skb).ingress_ifindex });
+        if came_in == LOOPBACK_IFINDEX || came_in == 0 {
+            // The other peer is on this host, as is this one: up the stack.
+            return Ok(TC_ACT_OK);
+        }
+        // From elsewhere to a peer on this host: out of `lo`, which loops
+        // it back with the local route the lookup attached, as it does
+        // the host's own packets (without one, a 127/8 address on `lo`
+        // is a martian, and early demux's cached route only covers until
+        // the next route cache flush). `lo`'s run of this program lets it
+        // by, by the mark: it carries the 4-tuple of the proxy socket
+        // whose own output the program drops there.
+        // SAFETY: a field of the packet's context.
+        let mark = unsafe { (*ctx.skb.skb).mark };
+        ctx.set_mark(mark | REDIRECTED_MARK);
+        // SAFETY: no parameters: the helper looks the route up itself.
+        let r = unsafe { bpf_redirect_neigh(LOOPBACK_IFINDEX as u32, core::ptr::null_mut(), 0, 0) };
+        return Ok(r as i32);
     }
     // Out of the other peer's interface, to its next hop (a FIB and
     // neighbour lookup on the rewritten header). TC_ACT_REDIRECT, or

@@ -139,7 +139,8 @@ pub async fn serve_client(
     // Phase: waf (nothing to check yet). Phase: route.
     let origin_addr = ctx.origin;
     // Phase: connect.
-    let connected = tokio::time::timeout(t.origin_connect(), connect(origin_addr, &ctx)).await;
+    let mss = origin_mss(&client, peer, &ctx);
+    let connected = tokio::time::timeout(t.origin_connect(), connect(origin_addr, mss, &ctx)).await;
     let mut origin = match connected {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -491,7 +492,27 @@ async fn hand_off(pair: Pair, peer: SocketAddr, path: String, paths: Arc<DataPat
     paths.relay(pair, acct, closed).await;
 }
 
-async fn connect(addr: SocketAddr, ctx: &ListenerCtx) -> std::io::Result<TcpStream> {
+/// The MSS the origin connection announces, on the tcpsplice path when
+/// the client is elsewhere: the client's path MTU less the IPv4 and TCP
+/// headers. A spliced session's origin segments go to the client as they
+/// are, and a local origin's would otherwise be `lo`'s (64 KiB). The
+/// relay is not slowed by it: `lo` carries the origin's segments in 64 KiB
+/// batches (GSO) all the same. `None`: leave the kernel's.
+fn origin_mss(client: &TcpStream, peer: SocketAddr, ctx: &ListenerCtx) -> Option<u32> {
+    if !ctx.paths.splices() || !peer.is_ipv4() || peer.ip().is_loopback() {
+        return None;
+    }
+    let mtu = crate::sockopt::path_mtu(client.as_fd()).ok()?;
+    // Past 64 KiB the client is on this host (an address of its own, by
+    // `lo`): the kernel's MSS is the same.
+    (mtu < 65_536).then(|| mtu.saturating_sub(40))
+}
+
+async fn connect(
+    addr: SocketAddr,
+    mss: Option<u32>,
+    ctx: &ListenerCtx,
+) -> std::io::Result<TcpStream> {
     let sock = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
@@ -503,6 +524,10 @@ async fn connect(addr: SocketAddr, ctx: &ListenerCtx) -> std::io::Result<TcpStre
         crate::sockopt::bound_buffers(sock.as_fd(), bound);
     }
     sock.set_nodelay(true)?;
+    if let Some(mss) = mss {
+        // Announced in the SYN: the most the origin sends per segment.
+        crate::sockopt::set_mss(sock.as_fd(), mss);
+    }
     // The handshake's last ACK rides on the request.
     crate::sockopt::delay_handshake_ack(sock.as_fd());
     let s = sock.connect(addr).await?;

@@ -239,6 +239,24 @@ pub fn defer_accept(fd: BorrowedFd<'_>) {
     let _ = setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT, 1);
 }
 
+/// `TCP_MAXSEG` before `connect`: the MSS the SYN announces, so the
+/// most the peer puts in a segment (Linux 2.2+). A failure only leaves
+/// the route's.
+pub fn set_mss(fd: BorrowedFd<'_>, mss: u32) {
+    let _ = setsockopt_int(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_MAXSEG,
+        libc::c_int::try_from(mss).unwrap_or(libc::c_int::MAX),
+    );
+}
+
+/// `IP_MTU`: the path MTU of a connected IPv4 socket (Linux 2.2+).
+pub fn path_mtu(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    let mtu: libc::c_int = getsockopt(fd, libc::IPPROTO_IP, libc::IP_MTU)?;
+    Ok(u32::try_from(mtu).unwrap_or(0))
+}
+
 /// `shutdown(SHUT_WR)`: send FIN after everything queued.
 pub fn shutdown_write(fd: BorrowedFd<'_>) -> io::Result<()> {
     socket2::SockRef::from(&fd).shutdown(std::net::Shutdown::Write)

@@ -10,9 +10,13 @@
 //! `the_three_relay_traps_between_hosts` covers the traps of
 //! `../shared/datapath-facts.md` across hosts, on every path.
 //!
-//! Two cases tcpsplice does not join, says why, and leaves to the relay: the
-//! origin on the proxy's own loopback (one peer on this host, one
-//! elsewhere), and an origin link with a smaller MTU than the client's.
+//! The same runs with the origin on the proxy's host (on its loopback, and
+//! on its own address): tcpsplice joins these too.
+//!
+//! Two cases tcpsplice does not join, says why, and leaves to the relay: a
+//! client on the proxy's host with an origin elsewhere (the client's
+//! segments on `lo` are too large for the origin's link), and an origin
+//! link with a smaller MTU than the client's.
 //!
 //! Needs root (`ip netns`); run without it, the test says so and returns.
 
@@ -75,8 +79,13 @@ impl Topology {
     /// Runs the Python client's `bulk` conversation from the client's
     /// namespace; its JSON line.
     fn client(&self, url: &str) -> String {
+        self.client_in("cli", url)
+    }
+
+    /// The same from namespace `which`.
+    fn client_in(&self, which: &str, url: &str) -> String {
         let out = Command::new("timeout")
-            .args(["120", "ip", "netns", "exec", &self.ns("cli"), "python3"])
+            .args(["120", "ip", "netns", "exec", &self.ns(which), "python3"])
             .arg(peer_script())
             .args(["bulk", url, &BULK_MIB.to_string()])
             .stderr(Stdio::inherit())
@@ -144,8 +153,33 @@ fn every_path_carries_a_session_between_peers_on_other_hosts() {
         return;
     }
     let t = Topology::new();
-    let origin_addr: SocketAddr = ORIGIN.parse().unwrap();
-    let _origin = PyOrigin::start_at(Some(&t.ns("org")), origin_addr);
+    every_path_carries(&t, "org", ORIGIN.parse().unwrap(), &["c1", "o1"]);
+}
+
+/// The client elsewhere, the origin on the proxy's host (an app behind its
+/// edge proxy): on tcpsplice the client's packets go into `lo`'s receive
+/// path, and the origin's leave by the client's interface. The origin
+/// listens on the proxy's loopback, then on the proxy's own address on
+/// the clients' link (also reached over `lo`).
+#[test]
+fn every_path_carries_a_session_to_an_origin_on_the_proxys_host() {
+    if !is_root() {
+        eprintln!("SKIP: network namespaces need root; CI runs as root");
+        return;
+    }
+    let t = Topology::new();
+    for origin in ["127.0.0.1:9000", "10.77.1.1:9001"] {
+        every_path_carries(&t, "px", origin.parse().unwrap(), &["c1"]);
+    }
+}
+
+/// On every path, the client's `bulk` conversation with a Python origin
+/// at `origin_addr` in namespace `origin_ns` (of `t`): every echo, a close
+/// line of the mode's own path counting what was sent, and no connection
+/// left in the proxy's namespace. On tcpsplice, the log names `ifaces`
+/// among those the program is on.
+fn every_path_carries(t: &Topology, origin_ns: &str, origin_addr: SocketAddr, ifaces: &[&str]) {
+    let _origin = PyOrigin::start_at(Some(&t.ns(origin_ns)), origin_addr);
     for mode in modes() {
         let s = Sluice::start_in_netns(mode, &t.ns("px"), PROXY.parse().unwrap(), origin_addr);
         let got = t.client(&format!("ws://{PROXY}/"));
@@ -158,7 +192,7 @@ fn every_path_carries_a_session_between_peers_on_other_hosts() {
             "{mode:?}: the close line counts less than was sent: {line}"
         );
         if mode == Mode::Tcpsplice {
-            for iface in ["c1", "o1"] {
+            for iface in ifaces {
                 assert!(
                     s.logs().contains(iface),
                     "the program is not attached to {iface}:\n{}",
@@ -174,7 +208,7 @@ fn every_path_carries_a_session_between_peers_on_other_hosts() {
         assert_eq!(
             t.proxy_connections(),
             0,
-            "{mode:?}: connections stayed open in the proxy's namespace"
+            "{mode:?} to {origin_addr}: connections stayed open in the proxy's namespace"
         );
     }
 }
@@ -190,9 +224,6 @@ const STALL: Duration = Duration::from_secs(1);
 /// relay without backpressure takes in everything (the naive sockmap relay
 /// took 2.2 GiB in 5 s).
 const HELD: u64 = 96 << 20;
-/// How far the client's pattern got: the client's thread writes it, the
-/// origin's reads it when its stall ends.
-static CLIENT_WRITTEN: AtomicU64 = AtomicU64::new(0);
 
 /// The three traps of a naive sockmap relay, on every path, with peers on
 /// other hosts (tcpsplice: through the redirect):
@@ -208,22 +239,41 @@ fn the_three_relay_traps_between_hosts() {
         eprintln!("SKIP: network namespaces need root; CI runs as root");
         return;
     }
-    let t = Topology::new();
-    let origin_addr: SocketAddr = "10.77.2.2:9001".parse().unwrap();
+    relay_traps(&Topology::new(), "org", "10.77.2.2:9001".parse().unwrap());
+}
+
+/// The same with the origin on the proxy's loopback (tcpsplice: the
+/// client's packets go out of `lo` to it).
+#[test]
+fn the_three_relay_traps_with_the_origin_on_the_proxys_host() {
+    if !is_root() {
+        eprintln!("SKIP: network namespaces need root; CI runs as root");
+        return;
+    }
+    relay_traps(&Topology::new(), "px", "127.0.0.1:9001".parse().unwrap());
+}
+
+/// The three traps on every path, with the origin at `origin_addr` in
+/// namespace `origin_ns` of `t`, and the client in its own.
+fn relay_traps(t: &Topology, origin_ns: &str, origin_addr: SocketAddr) {
+    // How far the client's pattern got: the client's thread writes it, the
+    // origin's reads it when its stall ends. One per run: the tests of
+    // this file may run at once.
+    let client_written: &'static AtomicU64 = Box::leak(Box::new(AtomicU64::new(0)));
     let client_frame = frame(2, b"pipelined after the request", true);
     let origin_frame = frame(2, b"in the 101's segment", false);
     let (listening, ready) = std::sync::mpsc::channel();
     let n = modes().len();
     let origin = {
         let (client_frame, origin_frame) = (client_frame.clone(), origin_frame.clone());
-        in_netns(&t.ns("org"), move || async move {
+        in_netns(&t.ns(origin_ns), move || async move {
             let l = tokio::net::TcpListener::bind(origin_addr).await.unwrap();
             listening.send(()).unwrap();
             // One session per mode.
             let mut sessions = Vec::new();
             for _ in 0..n {
                 let (o, _, ahead) = raw_origin(&l, &origin_frame).await;
-                sessions.push(origin_side(o, ahead, &client_frame).await);
+                sessions.push(origin_side(o, ahead, &client_frame, client_written).await);
             }
             sessions
         })
@@ -232,7 +282,7 @@ fn the_three_relay_traps_between_hosts() {
     for mode in modes() {
         let s = Sluice::start_in_netns(mode, &t.ns("px"), PROXY.parse().unwrap(), origin_addr);
         let (client_frame, origin_frame) = (client_frame.clone(), origin_frame.clone());
-        CLIENT_WRITTEN.store(0, Ordering::SeqCst);
+        client_written.store(0, Ordering::SeqCst);
         let got = in_netns(&t.ns("cli"), move || async move {
             let (c, ahead) = raw_client(PROXY.parse().unwrap(), &client_frame).await;
             let (mut cr, cw) = c.into_split();
@@ -240,7 +290,7 @@ fn the_three_relay_traps_between_hosts() {
             assert_eq!(ahead, origin_frame, "the origin's frame first");
             quiet().await;
             let (_, checked) = tokio::join!(
-                send_pattern_counted(cw, STREAM, 64 << 10, &CLIENT_WRITTEN),
+                send_pattern_counted(cw, STREAM, 64 << 10, client_written),
                 check_pattern(cr, Duration::ZERO, 256 << 10),
             );
             checked
@@ -255,7 +305,8 @@ fn the_three_relay_traps_between_hosts() {
     assert_eq!(sessions.len(), modes().len(), "one session per mode");
     for (mode, (held, checked)) in modes().into_iter().zip(sessions) {
         eprintln!(
-            "remote traps {mode:?}: the client got {} KiB of {} MiB out during the stall",
+            "remote traps {mode:?}, origin {origin_addr}: the client got {} KiB of {} MiB out \
+             during the stall",
             held >> 10,
             STREAM >> 20
         );
@@ -269,11 +320,13 @@ fn the_three_relay_traps_between_hosts() {
 
 /// The origin's half of a session: the client's frame first, then a
 /// stall, then the pattern to EOF while sending its own. Returns what the
-/// client had written when the stall ended, and the check of what came.
+/// client had written (`client_written`) when the stall ended, and the
+/// check of what came.
 async fn origin_side(
     o: tokio::net::TcpStream,
     ahead: Vec<u8>,
     client_frame: &[u8],
+    client_written: &AtomicU64,
 ) -> (u64, (Option<u64>, u64)) {
     let (mut or, ow) = o.into_split();
     let ahead = read_exactly(&mut or, ahead, client_frame.len()).await;
@@ -283,7 +336,7 @@ async fn origin_side(
     quiet().await;
     let sent = tokio::spawn(send_pattern(ow, STREAM, 1 << 20));
     tokio::time::sleep(STALL).await;
-    let written = CLIENT_WRITTEN.load(Ordering::SeqCst);
+    let written = client_written.load(Ordering::SeqCst);
     let checked = check_pattern(or, Duration::ZERO, 256 << 10).await;
     sent.await.unwrap();
     (written, checked)
@@ -307,11 +360,13 @@ async fn read_exactly(
 }
 
 #[test]
-fn a_session_with_one_peer_on_this_host_stays_in_the_relay() {
-    // The origin on the proxy's own loopback; the client elsewhere.
+fn a_client_on_the_proxys_host_with_an_origin_elsewhere_stays_in_the_relay() {
+    // The client's segments on `lo` are up to 64 KiB; the origin's link
+    // takes 1,500 bytes.
     stays_in_the_relay(
-        |t| (t.ns("px"), "127.0.0.1:9000".parse().unwrap()),
-        "one peer is on this host",
+        |t| (t.ns("org"), ORIGIN.parse().unwrap()),
+        "px",
+        "-byte packets, and the other's path takes 1500",
     );
 }
 
@@ -324,14 +379,19 @@ fn peers_whose_paths_differ_in_mtu_stay_in_the_relay() {
             ip(&["-n", &t.ns("org"), "link", "set", "o0", "mtu", "1400"]);
             (t.ns("org"), ORIGIN.parse().unwrap())
         },
+        "cli",
         "smaller MTU on one side",
     );
 }
 
 /// A session tcpsplice must not join: `place` sets the topology up and
-/// says where the origin runs; the relay carries the session whole, and
-/// the log says `why`.
-fn stays_in_the_relay(place: impl FnOnce(&Topology) -> (String, SocketAddr), why: &str) {
+/// says where the origin runs, the client runs in namespace `client_ns`;
+/// the relay carries the session whole, and the log says `why`.
+fn stays_in_the_relay(
+    place: impl FnOnce(&Topology) -> (String, SocketAddr),
+    client_ns: &str,
+    why: &str,
+) {
     if !is_root() {
         eprintln!("SKIP: network namespaces need root; CI runs as root");
         return;
@@ -349,7 +409,7 @@ fn stays_in_the_relay(place: impl FnOnce(&Topology) -> (String, SocketAddr), why
         PROXY.parse().unwrap(),
         origin_addr,
     );
-    let got = t.client(&format!("ws://{PROXY}/"));
+    let got = t.client_in(client_ns, &format!("ws://{PROXY}/"));
     assert_eq!(got, all_echoed(), "{}", s.logs());
     let line = s.wait_log("closed:", Duration::from_secs(10));
     assert!(line.contains("closed: closed"), "{line}");

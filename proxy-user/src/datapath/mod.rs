@@ -2,7 +2,7 @@
 //!
 //! | path | needs | how |
 //! |---|---|---|
-//! | `tcpsplice` | Linux 5.17+ (TCX from 6.6), CAP_BPF + CAP_NET_ADMIN (or root), IPv4, client and origin both on this host or both elsewhere (behind Ethernet interfaces) | once idle, a tc program joins the two TCP connections at the packet level: the proxy's sockets leave the byte path ([`tcpsplice`]) |
+//! | `tcpsplice` | Linux 5.17+ (TCX from 6.6), CAP_BPF + CAP_NET_ADMIN (or root), IPv4, peers on this host or behind Ethernet interfaces (not a client on this host with an origin elsewhere) | once idle, a tc program joins the two TCP connections at the packet level: the proxy's sockets leave the byte path ([`tcpsplice`]) |
 //! | `sockmap` | Linux 5.19+, CAP_BPF + CAP_NET_ADMIN (or root) | eBPF sk_skb verdict redirects socket to socket |
 //! | `uring` | Linux 5.11+ (5.19+ for `COOP_TASKRUN`, 5.7+ for splices), io_uring not disabled | each worker's io_uring runtime; read/write, or while a direction streams, `IORING_OP_SPLICE` through a pooled pipe in chains an io-wq worker runs |
 //! | `userspace` | anything (`splice`: Linux 2.6.17+) | tokio; a read into the worker's scratch buffer, or `splice` through a pooled pipe while a direction streams |
@@ -296,6 +296,11 @@ impl DataPaths {
         self.primary == DataPath::Tcpsplice
     }
 
+    /// Whether the tcpsplice path is loaded: sessions may be spliced.
+    pub fn splices(&self) -> bool {
+        self.tcpsplice.is_some()
+    }
+
     /// Whether worker threads should run tokio-uring runtimes: io_uring is
     /// this daemon's primary path or sockmap's fallback, and it probed fine.
     pub fn uring_on_workers(&self) -> bool {
@@ -450,8 +455,9 @@ fn first_line(e: &impl std::fmt::Display) -> String {
 }
 
 /// Which sessions tcpsplice joins, for the ready line.
-const SPLICE_SCOPE: &str = "IPv4 sessions whose client and origin are both on this host, or \
-     both elsewhere, join once idle; others stay in user space";
+const SPLICE_SCOPE: &str = "IPv4 sessions whose peers are on this host or behind its Ethernet \
+     interfaces join once idle (not a client on this host with an origin elsewhere); others stay \
+     in user space";
 
 /// The first wait before a session whose bytes moved tries to splice again.
 const SPLICE_RETRY_MIN: std::time::Duration = std::time::Duration::from_millis(10);

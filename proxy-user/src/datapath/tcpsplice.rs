@@ -16,12 +16,20 @@
 //! hooks of every Ethernet interface that is up at start. When a session
 //! is first observed, user space looks up the route to each peer
 //! ([`route`]). Peers both on this host (over `lo`): a rewritten packet
-//! goes on up the stack to the other peer. Peers both elsewhere (an edge
-//! host's clients and origins): it leaves by the other peer's interface to
-//! its next hop (`bpf_redirect_neigh`), as a router would send it, and the
-//! egress program drops what the frozen sockets send there. Sessions with one peer of each kind, peers behind
-//! interfaces of other kinds or different MTUs, stay in the user-space
-//! relay, as do sessions that do not fit otherwise.
+//! goes on up the stack to the other peer. A peer elsewhere (an edge
+//! host's clients, and its origins if they are elsewhere too): the other
+//! peer's packets leave by its interface to its next hop
+//! (`bpf_redirect_neigh`), as a router would send them, and the egress
+//! program drops what the frozen sockets send there. An origin on this
+//! host with a client elsewhere (an app behind its edge proxy): the
+//! client's packets go out of `lo` with the local route attached, as the
+//! host's own would. So that the origin's segments fit the client's path,
+//! the origin connection announces the client path's MSS
+//! (`lifecycle::origin_mss`). Peers behind interfaces of other kinds, or
+//! whose largest segment does not fit the other's path (a client on this
+//! host, whose `lo` segments are 64 KiB, with an origin elsewhere; links
+//! of different MTUs) stay in the user-space relay, as do sessions that do
+//! not fit otherwise.
 //!
 //! A session joins in three steps; user space's relay carries it until the
 //! last one succeeds, and takes it back whenever a step fails:
@@ -266,11 +274,11 @@ impl TcpSplice {
         Ok(obs)
     }
 
-    /// The interfaces of the routes to the client and to the origin: both
-    /// `lo` (peers on this host), or both interfaces the programs are on.
-    /// A session with one peer on this host and one elsewhere is not
-    /// joined: its rewritten packets would have to cross from `lo`, where
-    /// the ingress program passes them up the stack, to an interface.
+    /// The interfaces of the routes to the client and to the origin: `lo`
+    /// (a peer on this host) or an interface the programs are on. Peers of
+    /// both kinds mix: a remote peer's packets go into `lo`'s receive path
+    /// for a local one, and a local peer's leave by the remote one's
+    /// interface (the MTU check at the snapshot decides whether they fit).
     fn out_interfaces(&self, ends: &Ends) -> Result<[u32; 2], String> {
         let lookup = |peer: SocketAddrV4, local: SocketAddrV4| {
             route::output_interface(*peer.ip(), *local.ip())
@@ -280,14 +288,6 @@ impl TcpSplice {
             lookup(ends.client, ends.client_local)?,
             lookup(ends.origin, ends.origin_local)?,
         ];
-        let lo = |i: u32| u64::from(i) == LOOPBACK_IFINDEX;
-        if lo(out[0]) != lo(out[1]) {
-            return Err(
-                "one peer is on this host and the other is not (tcpsplice joins \
-                 sessions whose peers are both local, or both remote)"
-                    .into(),
-            );
-        }
         for (who, i) in ["client", "origin"].into_iter().zip(out) {
             if !self.ifaces.iter().any(|(_, at)| *at == i) {
                 return Err(format!(

@@ -25,8 +25,10 @@ const TC_ACT_OK: i32 = 0;
 const TC_ACT_SHOT: i32 = 2;
 const TC_ACT_UNSPEC: i32 = -1;
 const TC_ACT_REDIRECT: i32 = 7;
-/// `sizeof(struct __sk_buff)`, and the offset of its `ingress_ifindex`.
+/// `sizeof(struct __sk_buff)`, and the offsets of its `mark` and
+/// `ingress_ifindex`.
 const SK_BUFF_LEN: usize = 192;
+const MARK: usize = 8;
 const INGRESS_IFINDEX: usize = 36;
 /// Where the TCP header starts in the frames built here.
 const T: usize = 14 + 20;
@@ -76,21 +78,33 @@ impl Prog {
     /// Runs program `name` on `pkt`, as if it had come in on interface
     /// `iif` (0: sent by this host).
     fn run_as(&self, name: &str, pkt: &[u8], iif: u32) -> (i32, Vec<u8>) {
+        let (verdict, out, _) = self.run_marked(name, pkt, iif, 0);
+        (verdict, out)
+    }
+
+    /// The same with `skb->mark` set to `mark`: the verdict, the packet,
+    /// and the mark after the program.
+    fn run_marked(&self, name: &str, pkt: &[u8], iif: u32, mark: u32) -> (i32, Vec<u8>, u32) {
         let prog: &SchedClassifier = self.ebpf.program(name).unwrap().try_into().unwrap();
         let mut out = vec![0u8; pkt.len() + 64];
-        // A `struct __sk_buff` with only `ingress_ifindex` set.
+        // A `struct __sk_buff` with only `ingress_ifindex` and `mark` set.
         let mut ctx = [0u8; SK_BUFF_LEN];
         ctx[INGRESS_IFINDEX..INGRESS_IFINDEX + 4].copy_from_slice(&iif.to_ne_bytes());
+        ctx[MARK..MARK + 4].copy_from_slice(&mark.to_ne_bytes());
+        let mut ctx_out = [0u8; SK_BUFF_LEN];
+        let given = iif != 0 || mark != 0;
         let r = prog
             .test_run(TestRunOptions {
                 data_in: Some(pkt),
                 data_out: Some(&mut out),
-                ctx_in: (iif != 0).then_some(&ctx[..]),
+                ctx_in: given.then_some(&ctx[..]),
+                ctx_out: given.then_some(&mut ctx_out[..]),
                 ..TestRunOptions::new()
             })
             .unwrap();
         out.truncate(r.data_size_out as usize);
-        (r.return_value as i32, out)
+        let mark_out = u32::from_ne_bytes(ctx_out[MARK..MARK + 4].try_into().unwrap());
+        (r.return_value as i32, out, mark_out)
     }
 
     /// A session in `slot` with these ends, its flows in the map.
@@ -463,6 +477,47 @@ fn peers_elsewhere_get_each_others_packets_out_of_their_routes_interface() {
         .gate(3)
         .store(GATE_OBSERVE, std::sync::atomic::Ordering::SeqCst);
     assert_eq!(p.run_as(PROG_SPLICE_OUT, &own, 0).0, TC_ACT_UNSPEC);
+}
+
+#[test]
+fn a_remote_peers_packet_for_a_local_one_leaves_by_lo_marked_and_lo_lets_it_by() {
+    let Some(mut p) = Prog::load() else { return };
+    let e = ends(43_000);
+    p.session(4, &e, GATE_SPLICED);
+    // The client is behind interface 5; the origin is on this host.
+    publish_via(&p, 4, &e, [0, 0], [1, 1], [100, 200], [1, 5]);
+    let seg = |from, to, seq| {
+        frame(&Seg {
+            from,
+            to,
+            seq,
+            ack: 1,
+            flags: TH_PSH | TH_ACK,
+            win: 100,
+            opts: &[],
+            payload: b"x",
+        })
+    };
+    let (verdict, out, mark) =
+        p.run_marked(PROG_SPLICE, &seg(e.client, e.client_local, 100), 5, 0x10);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "the client's packet leaves by lo");
+    check_frame(&out, e.origin_local, e.origin);
+    assert_eq!(mark, 0x10 | REDIRECTED_MARK, "marked, the mark it had kept");
+    // Back in on lo, it carries the origin socket's own 4-tuple: the mark
+    // lets it by, unchanged, and is taken off.
+    let (verdict, again, mark) = p.run_marked(PROG_SPLICE, &out, 1, 0x10 | REDIRECTED_MARK);
+    assert_eq!((verdict, &again, mark), (TC_ACT_UNSPEC, &out, 0x10));
+    // The frozen socket's own output, with the same 4-tuple, is dropped.
+    assert_eq!(p.run_marked(PROG_SPLICE, &out, 1, 0x10).0, TC_ACT_SHOT);
+    // The origin's packet, in on lo, leaves by the client's interface.
+    let (verdict, out, mark) = p.run_marked(PROG_SPLICE, &seg(e.origin, e.origin_local, 200), 1, 0);
+    assert_eq!(
+        (verdict, mark),
+        (TC_ACT_REDIRECT, 0),
+        "by interface 5, unmarked"
+    );
+    check_frame(&out, e.client_local, e.client);
+    assert_eq!(p.stat(STAT_REWRITTEN), 2, "two packets rewritten");
 }
 
 #[test]
