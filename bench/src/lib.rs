@@ -68,6 +68,9 @@ pub struct Opts {
     pub reps: Option<usize>,
     /// Peers on other hosts (see [`netns::Remote`]) instead of loopback.
     pub remote: bool,
+    /// With `remote`: the origin on the targets' host, listening on their
+    /// address (an app behind its edge proxy), not in a namespace of its own.
+    pub origin_here: bool,
     /// Only these workloads (`w1`..`w4`), if given.
     pub workloads: Vec<String>,
     /// Measure in the host's network namespace, under its TCP settings,
@@ -211,7 +214,8 @@ pub fn run(opts: &Opts) -> Result<String, String> {
     let (net, remote) = if opts.host_network {
         (netns::host(None), None)
     } else if opts.remote {
-        let (net, r) = netns::enter_remote()?;
+        let (mut net, r) = netns::enter_remote()?;
+        net.origin_here = opts.origin_here;
         (net, Some(r))
     } else {
         (netns::enter()?, None)
@@ -220,12 +224,16 @@ pub fn run(opts: &Opts) -> Result<String, String> {
     // namespace, the targets in the run's, the load generator in the
     // clients'; this thread follows, as it makes the sockets of each.
     let to = |side: netns::Side| remote.as_ref().map_or(Ok(()), |r| r.enter(side));
-    let (origin_ip, listen_ip) = if remote.is_some() {
-        (netns::ORIGIN_IP, std::net::IpAddr::from(netns::PROXY_IP))
-    } else {
-        ([127, 0, 0, 1], std::net::IpAddr::from([127, 0, 0, 1]))
+    let (origin_ip, listen_ip) = match (&remote, opts.origin_here) {
+        (Some(_), false) => (netns::ORIGIN_IP, std::net::IpAddr::from(netns::PROXY_IP)),
+        (Some(_), true) => (netns::PROXY_IP, std::net::IpAddr::from(netns::PROXY_IP)),
+        (None, _) => ([127, 0, 0, 1], std::net::IpAddr::from([127, 0, 0, 1])),
     };
-    to(netns::Side::Origin)?;
+    to(if opts.origin_here {
+        netns::Side::Proxy
+    } else {
+        netns::Side::Origin
+    })?;
     let origin =
         origin::Origin::start(2, origin_ip).map_err(|e| format!("starting the origin: {e}"))?;
     to(netns::Side::Proxy)?;

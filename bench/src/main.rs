@@ -36,6 +36,11 @@ struct Cli {
     /// and `ip` (iproute2). The report's name ends in `-remote`.
     #[arg(long)]
     remote: bool,
+    /// With --remote: the origin on the targets' host instead, listening on
+    /// their address (an app behind its edge proxy; the proxies reach it
+    /// over `lo`). The report's name ends in `-remote-origin-here`.
+    #[arg(long, requires = "remote")]
+    origin_here: bool,
     /// W2's connection counts (comma-separated; default 1,100,1000).
     #[arg(long, value_delimiter = ',')]
     echo_conns: Vec<usize>,
@@ -55,6 +60,7 @@ fn main() -> anyhow::Result<()> {
         workloads: cli.workloads,
         host_network: cli.host_network,
         remote: cli.remote,
+        origin_here: cli.origin_here,
         echo_conns: cli.echo_conns,
         echo_sizes: cli.echo_sizes,
     };

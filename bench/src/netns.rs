@@ -28,6 +28,9 @@ pub struct Network {
     pub own: bool,
     /// With the peers of [`Remote`].
     pub remote: bool,
+    /// With [`Remote`], the origin on the targets' host instead
+    /// (`--origin-here`).
+    pub origin_here: bool,
     /// Congestion control the run's sockets use.
     pub congestion: String,
     /// The host's congestion control.
@@ -39,7 +42,18 @@ pub struct Network {
 impl Network {
     /// One line for the report's header.
     pub fn describe(&self) -> String {
-        if self.remote {
+        if self.remote && self.origin_here {
+            format!(
+                "Network: clients on another host, the origin on the proxy's: the load \
+                 generator (10.77.1.2) in a namespace of the run's own, joined by a veth pair \
+                 (MTU 1500) to the targets' (10.77.1.1), where the origin listens on 10.77.1.1 \
+                 too (the proxies reach it over `lo`, as an app behind its edge proxy); direct \
+                 is the clients' connection to it; ephemeral ports 1024-65535 and tcp_tw_reuse \
+                 1 in each. TCP congestion control {} (the host's is {}, which stays as it \
+                 was).",
+                self.congestion, self.host_congestion
+            )
+        } else if self.remote {
             format!(
                 "Network: peers on other hosts: the load generator (10.77.1.2), the targets \
                  (10.77.1.1 and 10.77.2.1) and the origin (10.77.2.2) each in a namespace of \
@@ -74,6 +88,7 @@ pub fn host(why: Option<String>) -> Network {
     Network {
         own: false,
         remote: false,
+        origin_here: false,
         congestion: cc.clone(),
         host_congestion: cc,
         why_host: why,
@@ -130,6 +145,7 @@ fn enter_with(remote: bool) -> Result<(Network, Option<Remote>), String> {
     let net = Network {
         own: true,
         remote: peers.is_some(),
+        origin_here: false,
         congestion,
         host_congestion: host_cc,
         why_host: None,

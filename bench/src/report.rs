@@ -430,7 +430,11 @@ pub fn write(
     std::fs::create_dir_all(&opts.out).map_err(|e| format!("{}: {e}", opts.out.display()))?;
     let stem = format!(
         "{date}-{host}{}{}",
-        if opts.remote { "-remote" } else { "" },
+        match (opts.remote, opts.origin_here) {
+            (true, true) => "-remote-origin-here",
+            (true, false) => "-remote",
+            (false, _) => "",
+        },
         if opts.quick { "-quick" } else { "" }
     );
     let _ = writeln!(

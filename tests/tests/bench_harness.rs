@@ -4,9 +4,10 @@
 //! mid-way takes its targets with it.
 //!
 //! As root (CI) the harness measures in a network namespace of its own;
-//! otherwise in the host's, on loopback either way. As root, a small
-//! `--remote` run (peers in namespaces of their own, over veth) reports its
-//! topology and leaves no namespace behind.
+//! otherwise in the host's, on loopback either way. As root, small
+//! `--remote` runs (peers in namespaces of their own, over veth; then the
+//! origin on the proxy's host, `--origin-here`) report their topology and
+//! leave no namespace behind.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -191,33 +192,48 @@ fn a_small_run_writes_its_report_and_leaves_nothing_running() {
 
 #[test]
 fn a_run_with_peers_elsewhere_goes_through_veth_and_removes_its_namespaces() {
+    remote_run(&[], "Network: peers on other hosts", "-remote-quick");
+}
+
+#[test]
+fn a_run_with_the_origin_on_the_proxys_host_says_so_in_its_name() {
+    remote_run(
+        &["--origin-here"],
+        "Network: clients on another host, the origin on the proxy's",
+        "-remote-origin-here-quick",
+    );
+}
+
+/// A small `--remote` run (direct and tcpsplice, W2 at 1 x 64 B) with
+/// `extra` arguments: its report names the topology (`network`) and both
+/// rows, its name has `stem`, and no namespace of the run is left.
+fn remote_run(extra: &[&str], network: &str, stem: &str) {
     if !sluice_e2e::is_root() {
         eprintln!("SKIP: --remote makes network namespaces, which needs root; CI runs as root");
         return;
     }
-    let out = out_dir("bench-remote");
-    let (pid, status, report) = run_bench(
-        &[
-            "--remote",
-            "--targets",
-            "direct,sluice-tcpsplice",
-            "--workloads",
-            "w2",
-            "--echo-conns",
-            "1",
-            "--echo-sizes",
-            "64",
-            "--reps",
-            "1",
-        ],
-        &out,
-    );
+    let out = out_dir(&format!("bench{stem}"));
+    let mut args = vec![
+        "--remote",
+        "--targets",
+        "direct,sluice-tcpsplice",
+        "--workloads",
+        "w2",
+        "--echo-conns",
+        "1",
+        "--echo-sizes",
+        "64",
+        "--reps",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    let (pid, status, report) = run_bench(&args, &out);
     assert!(
         status.success(),
-        "sluice-bench --remote: {status}\n{report}"
+        "sluice-bench {args:?}: {status}\n{report}"
     );
     assert!(
-        report.contains("Network: peers on other hosts"),
+        report.contains(network),
         "the report names the topology:\n{report}"
     );
     for row in ["| 1 x 64 B | direct |", "| 1 x 64 B | sluice-tcpsplice |"] {
@@ -225,7 +241,7 @@ fn a_run_with_peers_elsewhere_goes_through_veth_and_removes_its_namespaces() {
     }
     let md = files_with(&out, "md");
     assert!(
-        md.len() == 1 && md[0].to_string_lossy().contains("-remote-quick"),
+        md.len() == 1 && md[0].to_string_lossy().ends_with(&format!("{stem}.md")),
         "{md:?}"
     );
     let left: Vec<String> = std::fs::read_dir("/run/netns")
