@@ -493,19 +493,24 @@ async fn hand_off(pair: Pair, peer: SocketAddr, path: String, paths: Arc<DataPat
 }
 
 /// The MSS the origin connection announces, on the tcpsplice path when
-/// the client is elsewhere: the client's path MTU less the IPv4 and TCP
-/// headers. A spliced session's origin segments go to the client as they
-/// are, and a local origin's would otherwise be `lo`'s (64 KiB). The
-/// relay is not slowed by it: `lo` carries the origin's segments in 64 KiB
-/// batches (GSO) all the same. `None`: leave the kernel's.
+/// the client is elsewhere: what the client takes per segment (the smaller
+/// of its announced MSS and its path's, as the client socket sends). A
+/// spliced session's origin segments go to the client as they are, and a
+/// local origin's would otherwise be `lo`'s (64 KiB), a remote one's its
+/// own link's. The relay is not slowed by it: `lo` and TSO carry the
+/// origin's segments in 64 KiB batches all the same. `None`: leave the
+/// kernel's.
 fn origin_mss(client: &TcpStream, peer: SocketAddr, ctx: &ListenerCtx) -> Option<u32> {
     if !ctx.paths.splices() || !peer.is_ipv4() || peer.ip().is_loopback() {
         return None;
     }
-    let mtu = crate::sockopt::path_mtu(client.as_fd()).ok()?;
+    let info = crate::sockopt::tcp_info(client.as_fd()).ok()?;
+    // The MSS option counts the payload and the options; the origin takes
+    // its own (the same kinds: the splice checks) off again.
+    let mss = info.snd_mss() + info.option_bytes();
     // Past 64 KiB the client is on this host (an address of its own, by
     // `lo`): the kernel's MSS is the same.
-    (mtu < 65_536).then(|| mtu.saturating_sub(40))
+    (mss < 65_000).then_some(mss)
 }
 
 async fn connect(

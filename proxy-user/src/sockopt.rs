@@ -44,13 +44,31 @@ impl TcpInfo {
         self.head[6] >> 4
     }
 
+    /// `tcpi_snd_mss`: the most payload this socket puts in a segment: the
+    /// smaller of its path's and the peer's announced MSS, less the TCP
+    /// options every segment carries (timestamps).
+    pub fn snd_mss(&self) -> u32 {
+        self.mid[2]
+    }
+
+    /// The TCP option bytes every segment of this connection carries: 12
+    /// with timestamps (10 and two NOPs), else none.
+    pub fn option_bytes(&self) -> u32 {
+        if self.options() & TCPI_OPT_TIMESTAMPS != 0 {
+            12
+        } else {
+            0
+        }
+    }
+
     /// `tcpi_pmtu`: the path MTU of this socket's route.
     pub fn pmtu(&self) -> u32 {
         self.mid[13]
     }
 
-    /// `tcpi_advmss`: the MSS this socket announced (its route's MTU less
-    /// the IP and TCP headers).
+    /// `tcpi_advmss`: the most payload this socket lets its peer put in a
+    /// segment: the MSS it announced (its route's MTU less the IP and TCP
+    /// headers, or `TCP_MAXSEG`'s) less the options every segment carries.
     pub fn advmss(&self) -> u32 {
         self.mid[19]
     }
@@ -152,6 +170,15 @@ pub fn queue_seqs(fd: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
     Ok((rcv, snd))
 }
 
+/// In repair mode, `TCP_MAXSEG` reads `mss_clamp`: the MSS the peer
+/// announced in its SYN (bounded by this socket's `TCP_MAXSEG`, if set).
+/// Out of it, `TCP_MAXSEG` reads the send MSS, which also halves with the
+/// largest window the peer offered.
+pub fn peer_mss(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    let mss: libc::c_int = getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_MAXSEG)?;
+    Ok(u32::try_from(mss).unwrap_or(0))
+}
+
 /// `TCP_TIMESTAMP`: the socket's TCP timestamp clock now (its offset
 /// included), in the units its TSvals count.
 pub fn tcp_timestamp(fd: BorrowedFd<'_>) -> io::Result<u32> {
@@ -249,12 +276,6 @@ pub fn set_mss(fd: BorrowedFd<'_>, mss: u32) {
         libc::TCP_MAXSEG,
         libc::c_int::try_from(mss).unwrap_or(libc::c_int::MAX),
     );
-}
-
-/// `IP_MTU`: the path MTU of a connected IPv4 socket (Linux 2.2+).
-pub fn path_mtu(fd: BorrowedFd<'_>) -> io::Result<u32> {
-    let mtu: libc::c_int = getsockopt(fd, libc::IPPROTO_IP, libc::IP_MTU)?;
-    Ok(u32::try_from(mtu).unwrap_or(0))
 }
 
 /// `shutdown(SHUT_WR)`: send FIN after everything queued.

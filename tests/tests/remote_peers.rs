@@ -366,7 +366,7 @@ fn a_client_on_the_proxys_host_with_an_origin_elsewhere_stays_in_the_relay() {
     stays_in_the_relay(
         |t| (t.ns("org"), ORIGIN.parse().unwrap()),
         "px",
-        "-byte packets, and the other's path takes 1500",
+        "-byte packets, and the other takes 1500",
     );
 }
 
@@ -380,7 +380,7 @@ fn peers_whose_paths_differ_in_mtu_stay_in_the_relay() {
             (t.ns("org"), ORIGIN.parse().unwrap())
         },
         "cli",
-        "smaller MTU on one side",
+        "smaller MTU or MSS on one side",
     );
 }
 

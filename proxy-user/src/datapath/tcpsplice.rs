@@ -24,7 +24,7 @@
 //! host with a client elsewhere (an app behind its edge proxy): the
 //! client's packets go out of `lo` with the local route attached, as the
 //! host's own would. So that the origin's segments fit the client's path,
-//! the origin connection announces the client path's MSS
+//! the origin connection announces what the client takes per segment
 //! (`lifecycle::origin_mss`). Peers behind interfaces of other kinds, or
 //! whose largest segment does not fit the other's path (a client on this
 //! host, whose `lo` segments are 64 KiB, with an origin elsewhere; links
@@ -349,21 +349,24 @@ impl TcpSplice {
                 "a peer closed while the session was observed".into(),
             ));
         }
+        let (c_rcv, c_snd, c_mss) = queue_seqs(c)?;
+        let (o_rcv, o_snd, o_mss) = queue_seqs(og)?;
         // Each peer's segments go on to the other as they are: the largest
-        // the proxy let one peer send (its MSS and the IP and TCP headers)
-        // must fit the other peer's path.
-        for (from, to) in [(&ci, &oi), (&oi, &ci)] {
-            if from.advmss() + 40 > to.pmtu() {
+        // packet the proxy let one peer send (`advmss`, the payload it
+        // announced, with the options and the IP and TCP headers) must fit
+        // the other peer's path and the MSS that peer announced.
+        for ((from, _), (to, to_mss)) in
+            [((&ci, c_mss), (&oi, o_mss)), ((&oi, o_mss), (&ci, c_mss))]
+        {
+            let packet = from.advmss() + from.option_bytes() + 40;
+            let takes = to.pmtu().min(to_mss + 40);
+            if packet > takes {
                 return Err(Snap::Failed(format!(
-                    "a peer may send {}-byte packets, and the other's path takes {}: a \
-                     smaller MTU on one side",
-                    from.advmss() + 40,
-                    to.pmtu()
+                    "a peer may send {packet}-byte packets, and the other takes {takes}: a \
+                     smaller MTU or MSS on one side"
                 )));
             }
         }
-        let (c_rcv, c_snd) = queue_seqs(c)?;
-        let (o_rcv, o_snd) = queue_seqs(og)?;
         // Each socket has taken in everything the program passed it.
         for (side, rcv) in [(0, c_rcv), (1, o_rcv)] {
             let (seen_next, _, _) = self.conns.counted(slot, side);
@@ -613,13 +616,14 @@ enum Flip {
     Armed,
 }
 
-/// In repair mode (needed to read them): (`rcv_nxt`, `write_seq`). Repair
+/// In repair mode (needed to read them): (`rcv_nxt`, `write_seq`, the MSS
+/// the peer announced). Repair
 /// mode is left at once, without its window probe; the caller checked that
 /// nothing is unsent, which repair mode would take as sent. Leaving repair
 /// mode also clears `SO_REUSEADDR`, which an accepted socket inherits from
 /// the listener: its TIME_WAIT would then keep a restarted daemon from
 /// binding the port. It is set back.
-fn queue_seqs(fd: BorrowedFd<'_>) -> Result<(u32, u32), Snap> {
+fn queue_seqs(fd: BorrowedFd<'_>) -> Result<(u32, u32, u32), Snap> {
     let sock = socket2::SockRef::from(&fd);
     let reuse = sock
         .reuse_address()
@@ -627,14 +631,16 @@ fn queue_seqs(fd: BorrowedFd<'_>) -> Result<(u32, u32), Snap> {
     sockopt::set_repair(fd, true)
         .map_err(|e| Snap::Failed(format!("TCP_REPAIR: {e} (needs CAP_NET_ADMIN)")))?;
     let seqs = sockopt::queue_seqs(fd);
+    let mss = sockopt::peer_mss(fd);
     let off = sockopt::set_repair(fd, false);
-    let seqs = seqs.map_err(|e| Snap::Failed(format!("TCP_QUEUE_SEQ: {e}")))?;
+    let (rcv, snd) = seqs.map_err(|e| Snap::Failed(format!("TCP_QUEUE_SEQ: {e}")))?;
+    let mss = mss.map_err(|e| Snap::Failed(format!("TCP_MAXSEG: {e}")))?;
     off.map_err(|e| Snap::Failed(format!("leaving TCP_REPAIR: {e}")))?;
     if reuse {
         sock.set_reuse_address(true)
             .map_err(|e| Snap::Failed(format!("SO_REUSEADDR: {e}")))?;
     }
-    Ok(seqs)
+    Ok((rcv, snd, mss))
 }
 
 /// Why a snapshot did not lead to a flip.
