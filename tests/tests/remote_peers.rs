@@ -13,10 +13,11 @@
 //! The same runs with the origin on the proxy's host (on its loopback, and
 //! on its own address): tcpsplice joins these too.
 //!
-//! Two cases tcpsplice does not join, says why, and leaves to the relay: a
+//! Three cases tcpsplice does not join, says why, and leaves to the relay: a
 //! client on the proxy's host with an origin elsewhere (the client's
-//! segments on `lo` are too large for the origin's link), and an origin
-//! link with a smaller MTU than the client's.
+//! segments on `lo` are too large for the origin's link), an origin link
+//! with a smaller MTU than the client's, and an origin that announces a
+//! smaller MSS than the client may send.
 //!
 //! Needs root (`ip netns`); run without it, the test says so and returns.
 
@@ -381,6 +382,26 @@ fn peers_whose_paths_differ_in_mtu_stay_in_the_relay() {
         },
         "cli",
         "smaller MTU or MSS on one side",
+    );
+}
+
+#[test]
+fn an_origin_that_announces_a_smaller_mss_stays_in_the_relay() {
+    // Both links take 1,500 bytes, but the origin announces an MSS of
+    // 1,000 (its route's `advmss`): the client's 1,448-byte segments must
+    // not reach it as they are.
+    stays_in_the_relay(
+        |t| {
+            // The proxy's origin socket is on the origin's link: its route.
+            let org = t.ns("org");
+            let route = "10.77.2.0/24 dev o0 proto kernel scope link src 10.77.2.2 advmss 1000";
+            let mut args = vec!["-n", &org, "route", "replace"];
+            args.extend(route.split(' '));
+            ip(&args);
+            (t.ns("org"), ORIGIN.parse().unwrap())
+        },
+        "cli",
+        "-byte packets, and the other takes 1040",
     );
 }
 
