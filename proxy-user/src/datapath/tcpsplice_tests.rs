@@ -431,6 +431,20 @@ fn a_spliced_session_is_rewritten_both_ways_with_valid_checksums() {
     assert_eq!(p.stat(STAT_FAILED), 0);
 }
 
+/// A one-byte data segment from `from` to `to` at `seq`, without options.
+fn seg(from: SocketAddrV4, to: SocketAddrV4, seq: u32) -> Vec<u8> {
+    frame(&Seg {
+        from,
+        to,
+        seq,
+        ack: 1,
+        flags: TH_PSH | TH_ACK,
+        win: 100,
+        opts: &[],
+        payload: b"x",
+    })
+}
+
 #[test]
 fn peers_elsewhere_get_each_others_packets_out_of_their_routes_interface() {
     let Some(mut p) = Prog::load() else { return };
@@ -438,18 +452,6 @@ fn peers_elsewhere_get_each_others_packets_out_of_their_routes_interface() {
     p.session(3, &e, GATE_SPLICED);
     // The origin's route leaves by interface 6, the client's by 5.
     publish_via(&p, 3, &e, [0, 0], [1, 1], [100, 200], [6, 5]);
-    let seg = |from, to, seq| {
-        frame(&Seg {
-            from,
-            to,
-            seq,
-            ack: 1,
-            flags: TH_PSH | TH_ACK,
-            win: 100,
-            opts: &[],
-            payload: b"x",
-        })
-    };
     let (verdict, out) = p.run_as(PROG_SPLICE, &seg(e.client, e.client_local, 100), 5);
     assert_eq!(verdict, TC_ACT_REDIRECT, "the client's packet leaves by 6");
     check_frame(&out, e.origin_local, e.origin);
@@ -486,18 +488,6 @@ fn a_remote_peers_packet_for_a_local_one_leaves_by_lo_marked_and_lo_lets_it_by()
     p.session(4, &e, GATE_SPLICED);
     // The client is behind interface 5; the origin is on this host.
     publish_via(&p, 4, &e, [0, 0], [1, 1], [100, 200], [1, 5]);
-    let seg = |from, to, seq| {
-        frame(&Seg {
-            from,
-            to,
-            seq,
-            ack: 1,
-            flags: TH_PSH | TH_ACK,
-            win: 100,
-            opts: &[],
-            payload: b"x",
-        })
-    };
     let (verdict, out, mark) =
         p.run_marked(PROG_SPLICE, &seg(e.client, e.client_local, 100), 5, 0x10);
     assert_eq!(verdict, TC_ACT_REDIRECT, "the client's packet leaves by lo");
