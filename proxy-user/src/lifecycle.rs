@@ -506,7 +506,8 @@ fn origin_mss(client: &TcpStream, peer: SocketAddr, ctx: &ListenerCtx) -> Option
     }
     let info = crate::sockopt::tcp_info(client.as_fd()).ok()?;
     // The MSS option counts the payload and the options; the origin takes
-    // its own (the same kinds: the splice checks) off again.
+    // its own (the same kinds: the splice checks) off again. Before any
+    // data the window bound (half the client's SYN window) is far above.
     let mss = info.snd_mss() + info.option_bytes();
     // Past 64 KiB the client is on this host (an address of its own, by
     // `lo`): the kernel's MSS is the same.

@@ -46,7 +46,8 @@ impl TcpInfo {
 
     /// `tcpi_snd_mss`: the most payload this socket puts in a segment: the
     /// smaller of its path's and the peer's announced MSS, less the TCP
-    /// options every segment carries (timestamps).
+    /// options every segment carries (timestamps), and at most half the
+    /// largest window the peer offered.
     pub fn snd_mss(&self) -> u32 {
         self.mid[2]
     }
