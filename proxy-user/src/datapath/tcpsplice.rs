@@ -276,9 +276,9 @@ impl TcpSplice {
 
     /// The interfaces of the routes to the client and to the origin: `lo`
     /// (a peer on this host) or an interface the programs are on. Peers of
-    /// both kinds mix: a remote peer's packets go into `lo`'s receive path
-    /// for a local one, and a local peer's leave by the remote one's
-    /// interface (the MTU check at the snapshot decides whether they fit).
+    /// both kinds mix: a remote peer's packets go out of `lo` to a local
+    /// one, and a local peer's leave by the remote one's interface (the
+    /// size check at the snapshot decides whether they fit).
     fn out_interfaces(&self, ends: &Ends) -> Result<[u32; 2], String> {
         let lookup = |peer: SocketAddrV4, local: SocketAddrV4| {
             route::output_interface(*peer.ip(), *local.ip())
@@ -355,9 +355,7 @@ impl TcpSplice {
         // packet the proxy let one peer send (`advmss`, the payload it
         // announced, with the options and the IP and TCP headers) must fit
         // the other peer's path and the MSS that peer announced.
-        for ((from, _), (to, to_mss)) in
-            [((&ci, c_mss), (&oi, o_mss)), ((&oi, o_mss), (&ci, c_mss))]
-        {
+        for (from, to, to_mss) in [(&ci, &oi, o_mss), (&oi, &ci, c_mss)] {
             let packet = from.advmss() + from.option_bytes() + 40;
             let takes = to.pmtu().min(to_mss + 40);
             if packet > takes {
